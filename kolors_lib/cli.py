@@ -1,0 +1,101 @@
+"""Command line: `python -m kolors_lib COMMAND ...`, one sub-command per course step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kolors_lib.config import PROFILES, Config, ConfigError, load_config, read_yaml
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", type=Path, default=None, help="work dir (default: from the config)")
+    parser.add_argument("--config", type=Path, default=None, help="course config YAML (default: configs/default.yaml)")
+    parser.add_argument("--profile", choices=PROFILES, default="auto", help="full, tiny or auto (default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    parser = argparse.ArgumentParser(prog="python -m kolors_lib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("tiny-kolors", help="write a tiny random-weight Kolors in the real file layout")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="rewrite even if the same tiny model is there")
+
+    models = sub.add_parser("models", help="resolve (download or find) the profile's models and print their folders")
+    _common(models)
+
+    data = sub.add_parser("data", help="step 01 (import) and step 02 (filter) of the course")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    imp = data_sub.add_parser("import", help="import images into <workdir>/data/raw")
+    imp.add_argument("src", nargs="?", default=None,
+                     help="local image folder (default: the profile's dataset, e.g. ModelScope lowres_anime)")
+    _common(imp)
+    filt = data_sub.add_parser("filter", help="clean <workdir>/data/raw with Data-Juicer into DiffSynth's layout")
+    _common(filt)
+    filt.add_argument("--executor", choices=("default", "ray"), default=None,
+                      help="Data-Juicer executor (ray: same recipe on a local Ray cluster)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a list of arguments (the process's own when None)."""
+    return build_parser().parse_args(argv)
+
+
+def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    """The course config; a `--config` that is a Data-Juicer recipe is returned separately."""
+    recipe = None
+    path = args.config
+    if path is not None and "process" in read_yaml(path):
+        recipe, path = path.resolve(), None
+    return load_config(path, profile=args.profile, workdir=args.workdir), recipe
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "tiny-kolors":
+        from kolors_lib.tiny import write_tiny_kolors
+
+        out = write_tiny_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
+        print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
+        return 0
+    cfg, recipe = _config(args)
+    if args.command == "models":
+        from kolors_lib.models import resolve_model
+
+        print(json.dumps({k: str(resolve_model(cfg, k)) for k in ("kolors", "vae_fp16_fix", "aesthetic")}, indent=2))
+        return 0
+    if args.data_command == "import":
+        from kolors_lib.data import import_dataset
+
+        result = import_dataset(cfg, args.src)
+        print(f"imported {result.count} images into {result.raw_dir} ({len(result.skipped)} skipped)")
+        for row in result.skipped:
+            print(f"  skipped {row['source']}: {row['reason']}")
+        return 0
+    from kolors_lib.filtering import filter_dataset
+
+    result = filter_dataset(cfg, recipe=recipe, executor=args.executor)
+    print(f"kept {result.kept} images in {result.train_dir}; report: {result.report_path}")
+    for op in result.ops:
+        print(f"  {op['op']}: removed {op['removed']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one command; known errors end with a one-line message and exit code 2."""
+    args = parse_args(argv)
+    from kolors_lib.data import DataError
+    from kolors_lib.filtering import FilterError
+    from kolors_lib.models import ModelUnavailableError
+
+    try:
+        return _run(args)
+    except (ConfigError, DataError, FilterError, ModelUnavailableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,258 @@
+"""One configuration object for every step: YAML files in configs/, profiles, paths."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+PROFILES = ("full", "tiny", "auto")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used."""
+
+
+@dataclass
+class ModelSource:
+    """Where one model comes from: a ModelScope id, or a local folder that overrides it."""
+
+    model_id: str
+    local_dir: Path | None = None
+
+
+@dataclass
+class ModelsConfig:
+    """The three models the course uses."""
+
+    kolors: ModelSource
+    vae_fp16_fix: ModelSource
+    aesthetic: ModelSource
+    cache_dir: Path | None = None
+
+
+@dataclass
+class DataConfig:
+    """Step 01: where the raw images come from."""
+
+    source: str = "modelscope"
+    dataset_id: str = "AI-ModelScope/lowres_anime"
+    subset: str = "default"
+    split: str = "train"
+    default_caption: str = ""
+    max_pixels: int = 100_000_000
+    limit: int | None = None
+
+
+@dataclass
+class FilterConfig:
+    """Step 02: the Data-Juicer recipe and caption rules."""
+
+    recipe: Path = CONFIG_DIR / "data_juicer.yaml"
+    executor: str = "default"
+    num_proc: int = 2
+    trigger_word: str = ""
+    add_tags: list[str] = field(default_factory=list)
+    remove_tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    """Everything a step needs; every output path derives from `workdir`."""
+
+    profile: str
+    workdir: Path
+    models: ModelsConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    seed: int = 42
+    resolution: int = 1024
+    device: str = "cuda"
+    source_file: Path | None = None
+
+    @property
+    def raw_dir(self) -> Path:
+        """Step 01 output: imported images and metadata.jsonl."""
+        return self.workdir / "data" / "raw"
+
+    @property
+    def clean_dir(self) -> Path:
+        """Step 02 output: DiffSynth dataset root (train/metadata.csv) and the report."""
+        return self.workdir / "data" / "clean"
+
+    @property
+    def train_dir(self) -> Path:
+        """The kept images and metadata.csv, in DiffSynth's training layout."""
+        return self.clean_dir / "train"
+
+    @property
+    def models_dir(self) -> Path:
+        """Downloaded or generated model files."""
+        return self.workdir / "models"
+
+    @property
+    def tiny_models_dir(self) -> Path:
+        """Where the tiny profile writes its random-weight models."""
+        return self.models_dir / "tiny"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data view (paths as strings) for reports and manifests."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` with `over` merged in, recursively for nested mappings."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device (False when torch is missing)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def resolve_profile(profile: str) -> str:
+    """Map `auto` to `full` on a CUDA machine, else to `tiny` with a visible notice."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    if profile != "auto":
+        return profile
+    if cuda_available():
+        return "full"
+    msg = "profile 'auto': no CUDA GPU found, using the 'tiny' profile (random-weight Kolors on CPU)"
+    warnings.warn(msg, stacklevel=3)
+    print(f"NOTICE: {msg}", file=sys.stderr)
+    return "tiny"
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    return cls(**data)
+
+
+def _path(value: Any, base: Path, workdir: Path | None = None) -> Path | None:
+    if value in (None, ""):
+        return None
+    text = str(value)
+    if workdir is not None:
+        text = text.replace("{workdir}", str(workdir))
+    path = Path(os.path.expanduser(text))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+_PATH_KEYS = (("workdir",), ("filter", "recipe"), ("data", "source"), ("models", "cache_dir"),
+              ("models", "kolors", "local_dir"), ("models", "vae_fp16_fix", "local_dir"),
+              ("models", "aesthetic", "local_dir"))
+
+
+def _absolutize(data: dict[str, Any], base: Path) -> None:
+    """Make the relative paths of one file absolute, so merging files keeps their meaning."""
+    for section in (data, *((data.get("profiles") or {}).values())):
+        for keys in _PATH_KEYS:
+            node = section
+            for key in keys[:-1]:
+                node = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or not isinstance(node.get(keys[-1]), str):
+                continue
+            value = node[keys[-1]]
+            if value in ("modelscope", "sample") or "{workdir}" in value:
+                continue
+            node[keys[-1]] = str(_path(value, base))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML mapping (relative paths made absolute), with an error that names the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    _absolutize(data, Path(path).resolve().parent)
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    profile: str = "auto",
+    workdir: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Load `path` (default configs/default.yaml), apply a profile and overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    raw = read_yaml(path)
+    # a user's config file only needs the keys it changes
+    if raw.pop("inherit", True) and path.resolve() != DEFAULT_CONFIG.resolve():
+        raw = deep_merge(read_yaml(DEFAULT_CONFIG), raw)
+    profiles = raw.pop("profiles", {}) or {}
+    name = resolve_profile(profile)
+    if name not in profiles and name != "full":
+        raise ConfigError(f"{path}: profile {name!r} is not defined under 'profiles'")
+    merged = deep_merge(raw, profiles.get(name) or {})
+    merged = deep_merge(merged, overrides or {})
+    return _from_dict(merged, name, path.resolve().parent, workdir, path)
+
+
+def _from_dict(
+    data: dict[str, Any], profile: str, base: Path, workdir: str | Path | None, source: Path
+) -> Config:
+    where = str(source)
+    data = dict(data)
+    default_wd = data.pop("workdir", None) or "workdir"
+    wd = Path(workdir).expanduser().resolve() if workdir else _path(default_wd, base)
+    models_raw = dict(data.pop("models", {}) or {})
+    cache = _path(models_raw.pop("cache_dir", None), base, wd)
+    sources = {}
+    for key in ("kolors", "vae_fp16_fix", "aesthetic"):
+        src = _build(ModelSource, models_raw.pop(key, None) or {}, f"{where}: models.{key}")
+        src.local_dir = _path(src.local_dir, base, wd)
+        sources[key] = src
+    if models_raw:
+        raise ConfigError(f"{where}: unknown key(s) under models: {', '.join(sorted(models_raw))}")
+    data_cfg = _build(DataConfig, data.pop("data", {}) or {}, f"{where}: data")
+    if data_cfg.source not in ("modelscope", "sample"):
+        data_cfg.source = str(_path(data_cfg.source, base, wd))
+    filt = _build(FilterConfig, data.pop("filter", {}) or {}, f"{where}: filter")
+    filt.recipe = _path(filt.recipe, base, wd) or FilterConfig().recipe
+    if filt.executor not in ("default", "ray"):
+        raise ConfigError(f"{where}: filter.executor must be 'default' or 'ray', not {filt.executor!r}")
+    return _build(
+        Config,
+        {**data, "profile": profile, "workdir": wd, "source_file": source.resolve(),
+         "models": ModelsConfig(cache_dir=cache, **sources), "data": data_cfg, "filter": filt},
+        where,
+    )

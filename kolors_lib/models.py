@@ -1,0 +1,169 @@
+"""Find the model folders (ModelScope download or local override) and load them into DiffSynth."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from kolors_lib.compat import patch_torchvision
+from kolors_lib.config import Config, ModelSource
+
+MODELSCOPE_ENDPOINT = "https://www.modelscope.cn"
+# What must be inside each model folder for it to count as complete.
+REQUIRED_FILES = {
+    "kolors": ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+               "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json"),
+    "vae_fp16_fix": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "aesthetic": ("config.json",),
+}
+ALLOW_PATTERNS = {
+    # the fp16 variants and the pipeline's own tokenizer folder are not needed by DiffSynth
+    "kolors": ["model_index.json", "scheduler/*", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+               "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/*"],
+    "vae_fp16_fix": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "aesthetic": None,
+}
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model that is neither on disk nor downloadable."""
+
+
+@dataclass
+class KolorsPaths:
+    """The files DiffSynth loads for Kolors."""
+
+    root: Path
+    text_encoder: Path
+    unet: Path
+    vae: Path
+
+    @classmethod
+    def from_root(cls, root: Path) -> KolorsPaths:
+        """Paths inside a folder in the layout of Kwai-Kolors/Kolors."""
+        return cls(root, root / "text_encoder", root / "unet" / "diffusion_pytorch_model.safetensors",
+                   root / "vae" / "diffusion_pytorch_model.safetensors")
+
+
+def _missing(folder: Path, key: str) -> list[str]:
+    return [name for name in REQUIRED_FILES[key] if not (folder / name).exists()]
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Quick TCP check of the ModelScope endpoint, so offline fails in seconds, not retry loops."""
+    url = urlparse(os.environ.get("MODELSCOPE_ENDPOINT") or MODELSCOPE_ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _override_hint(key: str) -> str:
+    return (f"set models.{key}.local_dir in your config (or pass local_dir=...) to a folder that "
+            f"already holds it")
+
+
+def resolve_model(cfg: Config, key: str) -> Path:
+    """Return the local folder of model `key` (kolors, vae_fp16_fix, aesthetic), downloading if needed."""
+    source: ModelSource = getattr(cfg.models, key)
+    if source.local_dir is not None:
+        folder = Path(source.local_dir)
+        if cfg.profile == "tiny" and not folder.exists():
+            ensure_tiny_models(cfg)
+        missing = _missing(folder, key) if folder.is_dir() else ["(the folder itself)"]
+        if missing:
+            raise ModelUnavailableError(
+                f"{source.model_id}: local folder {folder} is incomplete, missing {', '.join(missing)}")
+        return folder
+    return download_model(source.model_id, key, cfg.models.cache_dir or cfg.models_dir / "modelscope")
+
+
+def download_model(model_id: str, key: str, cache_dir: Path) -> Path:
+    """snapshot_download from ModelScope; reuse a complete cached copy without network."""
+    from modelscope import snapshot_download
+
+    cached = Path(cache_dir) / model_id
+    if cached.is_dir() and not _missing(cached, key):
+        return cached
+    if not hub_reachable():
+        raise ModelUnavailableError(
+            f"cannot download {model_id}: ModelScope ({os.environ.get('MODELSCOPE_ENDPOINT') or MODELSCOPE_ENDPOINT})"
+            f" is not reachable from this machine. Download it elsewhere, then {_override_hint(key)}; "
+            f"or use the 'tiny' profile to run offline.")
+    try:
+        folder = Path(snapshot_download(model_id, cache_dir=str(cache_dir), allow_patterns=ALLOW_PATTERNS[key]))
+    except OSError as err:
+        raise ModelUnavailableError(f"download of {model_id} failed ({err}); {_override_hint(key)}") from None
+    missing = _missing(folder, key)
+    if missing:
+        raise ModelUnavailableError(f"{model_id}: download in {folder} lacks {', '.join(missing)}")
+    return folder
+
+
+def ensure_tiny_models(cfg: Config) -> dict[str, Path]:
+    """Write the tiny random-weight models where the tiny profile expects them (once)."""
+    from kolors_lib.tiny import write_tiny_kolors
+
+    return write_tiny_kolors(cfg.tiny_models_dir, seed=cfg.seed)
+
+
+def kolors_paths(cfg: Config) -> KolorsPaths:
+    """Resolve Kolors for this profile and return the files DiffSynth needs."""
+    return KolorsPaths.from_root(resolve_model(cfg, "kolors"))
+
+
+def _read_config(weights: Path) -> dict:
+    config = weights.parent / "config.json"
+    return json.loads(config.read_text()) if config.exists() else {}
+
+
+def register_sizes(manager: object, weight_files: list[Path]) -> None:
+    """Teach this ModelManager the UNet/VAE files whose sizes differ from the real ones.
+
+    DiffSynth recognises a file by a hash of its keys and shapes and builds the class with
+    the real channel counts; for other sizes (the tiny model) we register the same classes
+    rebuilt from the file's own config.json. Files of the real size are left to DiffSynth.
+    """
+    from diffsynth.models.utils import hash_state_dict_keys, load_state_dict
+
+    from kolors_lib.tiny import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, sized_class
+
+    detector = manager.model_detector[0]
+    for path in weight_files:
+        cfg = _read_config(path)
+        kind = cfg.get("_class_name")
+        if kind == "UNet2DConditionModel" and cfg["block_out_channels"] != KOLORS_UNET_CONFIG["block_out_channels"]:
+            names, classes = ["sdxl_unet"], [sized_class("unet", cfg)]
+        elif kind == "AutoencoderKL" and cfg["block_out_channels"] != SDXL_VAE_CONFIG["block_out_channels"]:
+            names = ["sdxl_vae_encoder", "sdxl_vae_decoder"]
+            classes = [sized_class("vae_encoder", cfg), sized_class("vae_decoder", cfg)]
+        else:
+            continue
+        key_hash = hash_state_dict_keys(load_state_dict(str(path)), with_shape=True)
+        if key_hash not in detector.keys_hash_with_shape_dict:
+            detector.add_model_metadata(None, key_hash, names, classes, "diffusers")
+
+
+def load_model_manager(files: list[Path], device: str = "cpu", dtype: torch.dtype = torch.float32) -> object:
+    """A DiffSynth ModelManager with `files` loaded: the one loading path for real and tiny models."""
+    patch_torchvision()
+    from diffsynth import ModelManager
+
+    manager = ModelManager(torch_dtype=dtype, device=device)
+    register_sizes(manager, [f for f in files if Path(f).is_file()])
+    manager.load_models([str(f) for f in files])
+    return manager
+
+
+def load_kolors(paths: KolorsPaths, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                vae: Path | None = None) -> object:
+    """Load Kolors' ChatGLM, UNet and a VAE (Kolors' own, or e.g. the fp16-fix one) into DiffSynth."""
+    return load_model_manager([paths.text_encoder, paths.unet, vae or paths.vae], device=device, dtype=dtype)
