@@ -1,0 +1,30 @@
+# Everything sets itself up: a fresh clone needs only python3 (3.10+) and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test lint demo bench clean
+
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml scripts/setup_env.py
+	$(PYTHON) scripts/setup_env.py --venv $(VENV)
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(STAMP)  ## create .venv with the pinned dependencies (once)
+
+lint: setup  ## ruff + notebooks committed without outputs
+	$(BIN)/ruff check .
+	$(BIN)/python scripts/notebooks.py check
+
+test: lint  ## library tests + every notebook through papermill on the tiny profile, offline
+	$(BIN)/python -m pytest
+
+demo: setup  ## run the whole course (notebooks 01..) on the tiny model, offline
+	$(BIN)/python scripts/notebooks.py run --profile tiny --workdir workdir/demo
+
+clean:
+	rm -rf workdir .pytest_cache .ruff_cache

@@ -1,0 +1,86 @@
+"""The config object: profiles, path rules, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kolors_lib import config as config_mod
+from kolors_lib.config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def test_tiny_profile_puts_everything_under_the_workdir(tmp_path: Path) -> None:
+    cfg = load_config(profile="tiny", workdir=tmp_path / "w")
+    assert cfg.profile == "tiny" and cfg.device == "cpu" and cfg.resolution == 128
+    assert cfg.workdir == (tmp_path / "w").resolve()
+    for path in (cfg.raw_dir, cfg.train_dir, cfg.models.kolors.local_dir, cfg.models.aesthetic.local_dir):
+        assert path.is_relative_to(cfg.workdir)
+    assert cfg.train_dir == cfg.clean_dir / "train"
+    assert cfg.data.source == "sample"
+
+
+def test_full_profile_uses_modelscope_ids(tmp_path: Path) -> None:
+    cfg = load_config(profile="full", workdir=tmp_path)
+    assert (cfg.device, cfg.resolution) == ("cuda", 1024)
+    assert cfg.models.kolors.model_id == "Kwai-Kolors/Kolors" and cfg.models.kolors.local_dir is None
+    assert cfg.models.vae_fp16_fix.model_id == "AI-ModelScope/sdxl-vae-fp16-fix"
+    assert cfg.data.dataset_id == "AI-ModelScope/lowres_anime" and cfg.data.source == "modelscope"
+    assert cfg.filter.recipe == DEFAULT_CONFIG.parent / "data_juicer.yaml"
+
+
+def test_default_workdir_is_the_repo_workdir() -> None:
+    assert load_config(profile="tiny").workdir == DEFAULT_CONFIG.parent.parent / "workdir"
+
+
+def test_auto_falls_back_to_tiny_with_a_notice(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(config_mod, "cuda_available", lambda: False)
+    with pytest.warns(UserWarning, match="tiny"):
+        cfg = load_config(profile="auto")
+    assert cfg.profile == "tiny"
+    assert "NOTICE" in capsys.readouterr().err
+    monkeypatch.setattr(config_mod, "cuda_available", lambda: True)
+    assert load_config(profile="auto").profile == "full"
+
+
+def test_user_config_only_overrides_what_it_sets(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text(
+        "workdir: runs/a\nfilter:\n  trigger_word: 水墨\n  recipe: my_recipe.yaml\n"
+        "models:\n  kolors:\n    local_dir: ../weights/Kolors\n", encoding="utf-8")
+    cfg = load_config(tmp_path / "mine.yaml", profile="full")
+    assert cfg.workdir == tmp_path / "runs" / "a"
+    assert cfg.filter.trigger_word == "水墨"
+    assert cfg.filter.recipe == tmp_path / "my_recipe.yaml"
+    assert cfg.models.kolors.local_dir == (tmp_path / "../weights/Kolors").resolve()
+    assert cfg.data.default_caption == "二次元"  # inherited from configs/default.yaml
+
+
+def test_overrides_and_plain_dict(tmp_path: Path) -> None:
+    cfg = load_config(profile="tiny", workdir=tmp_path, overrides={"seed": 7, "data": {"limit": 3}})
+    assert cfg.seed == 7 and cfg.data.limit == 3
+    plain = cfg.to_dict()
+    assert plain["workdir"] == str(tmp_path.resolve()) and plain["data"]["limit"] == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("seeed: 1\n", "unknown key(s) seeed"),
+     ("data:\n  sorce: x\n", "data: unknown key(s) sorce"),
+     ("models:\n  unet: {}\n", "unknown key(s) under models: unet"),
+     ("filter:\n  executor: spark\n", "filter.executor"),
+     ("- a\n- b\n", "expected a mapping"),
+     ("a: [\n", "not valid YAML")],
+)
+def test_bad_config_names_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="bad.yaml") as err:
+        load_config(path, profile="tiny")
+    assert message in str(err.value)
+
+
+def test_unknown_profile_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown profile 'gpu'"):
+        load_config(profile="gpu")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", profile="tiny")
