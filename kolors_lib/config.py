@@ -67,6 +67,42 @@ class FilterConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA shape and strength, read by training and by inference alike."""
+
+    rank: int = 16
+    alpha: float = 4.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"])
+
+    @property
+    def scale(self) -> float:
+        """The training scale alpha/rank: what strength 1.0 means everywhere."""
+        return self.alpha / self.rank
+
+
+@dataclass
+class TrainConfig:
+    """Step 03: LoRA training settings (defaults reproduce the camp's run on `full`)."""
+
+    steps: int = 500
+    epochs: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    precision: str = "16-mixed"
+    gradient_checkpointing: bool = True
+    center_crop: bool = True
+    random_flip: bool = False
+    save_every: int = 100
+    validate_every: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_workers: int = 0
+
+
+@dataclass
 class Config:
     """Everything a step needs; every output path derives from `workdir`."""
 
@@ -75,6 +111,8 @@ class Config:
     models: ModelsConfig
     data: DataConfig = field(default_factory=DataConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 42
     resolution: int = 1024
     device: str = "cuda"
@@ -94,6 +132,11 @@ class Config:
     def train_dir(self) -> Path:
         """The kept images and metadata.csv, in DiffSynth's training layout."""
         return self.clean_dir / "train"
+
+    @property
+    def lora_dir(self) -> Path:
+        """Step 03 output: caches, checkpoints, the trained LoRA and its exports."""
+        return self.workdir / "lora"
 
     @property
     def models_dir(self) -> Path:
@@ -250,9 +293,12 @@ def _from_dict(
     filt.recipe = _path(filt.recipe, base, wd) or FilterConfig().recipe
     if filt.executor not in ("default", "ray"):
         raise ConfigError(f"{where}: filter.executor must be 'default' or 'ray', not {filt.executor!r}")
+    lora = _build(LoraConfig, data.pop("lora", {}) or {}, f"{where}: lora")
+    train = _build(TrainConfig, data.pop("train", {}) or {}, f"{where}: train")
     return _build(
         Config,
         {**data, "profile": profile, "workdir": wd, "source_file": source.resolve(),
-         "models": ModelsConfig(cache_dir=cache, **sources), "data": data_cfg, "filter": filt},
+         "models": ModelsConfig(cache_dir=cache, **sources), "data": data_cfg, "filter": filt,
+         "lora": lora, "train": train},
         where,
     )
