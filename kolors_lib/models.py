@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from kolors_lib.compat import patch_torchvision
 from kolors_lib.config import Config, ModelSource
+from kolors_lib.hub import hub_endpoint, hub_reachable
 
-MODELSCOPE_ENDPOINT = "https://www.modelscope.cn"
 # What must be inside each model folder for it to count as complete.
 REQUIRED_FILES = {
     "kolors": ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
@@ -55,17 +52,6 @@ def _missing(folder: Path, key: str) -> list[str]:
     return [name for name in REQUIRED_FILES[key] if not (folder / name).exists()]
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Quick TCP check of the ModelScope endpoint, so offline fails in seconds, not retry loops."""
-    url = urlparse(os.environ.get("MODELSCOPE_ENDPOINT") or MODELSCOPE_ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _override_hint(key: str) -> str:
     return (f"set models.{key}.local_dir in your config (or pass local_dir=...) to a folder that "
             f"already holds it")
@@ -95,7 +81,7 @@ def download_model(model_id: str, key: str, cache_dir: Path) -> Path:
         return cached
     if not hub_reachable():
         raise ModelUnavailableError(
-            f"cannot download {model_id}: ModelScope ({os.environ.get('MODELSCOPE_ENDPOINT') or MODELSCOPE_ENDPOINT})"
+            f"cannot download {model_id}: ModelScope ({hub_endpoint()})"
             f" is not reachable from this machine. Download it elsewhere, then {_override_hint(key)}; "
             f"or use the 'tiny' profile to run offline.")
     try:

@@ -27,7 +27,8 @@ def problems(path: Path) -> list[str]:
     found = []
     for i, cell in enumerate(nb["cells"]):
         if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count")):
-            found.append(f"{path.name}: cell {i} has outputs or an execution count (run `python scripts/notebooks.py strip`)")
+            found.append(f"{path.name}: cell {i} has outputs or an execution count "
+                         "(run `python scripts/notebooks.py strip`)")
     tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     if path.name[:2] != "00" and len(tagged) != 1:
         found.append(f"{path.name}: needs exactly one cell tagged 'parameters' (found {len(tagged)})")
