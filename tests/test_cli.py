@@ -1,0 +1,59 @@
+"""The command line, as a user scripts it: `python -m kolors_lib ...` in a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kolors_lib", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_import_then_filter_a_local_folder(tmp_path: Path) -> None:
+    src = tmp_path / "photos"
+    src.mkdir()
+    rng = __import__("numpy").random.default_rng(0)
+    for i, (w, h) in enumerate([(1024, 1024), (1280, 1024), (640, 640)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype="uint8")).save(src / f"p{i}.jpg", quality=90)
+    (src / "p0.txt").write_text("山水，水墨画", encoding="utf-8")
+    work = tmp_path / "w"
+
+    imp = _cli("data", "import", str(src), "--workdir", str(work), "--profile", "tiny")
+    assert imp.returncode == 0, imp.stderr
+    assert "imported 3 images" in imp.stdout
+    lines = (work / "data/raw/metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["source"] for line in lines] == ["p0.jpg", "p1.jpg", "p2.jpg"]
+
+    filt = _cli("data", "filter", "--workdir", str(work), "--profile", "tiny")
+    assert filt.returncode == 0, filt.stderr
+    assert "kept 2 images" in filt.stdout
+    with open(work / "data/clean/train/metadata.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["text"] for r in rows] == ["kstory, 山水, 水墨画", "kstory, 二次元"]
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    missing = _cli("data", "import", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w"), "--profile", "tiny")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error:") and str(tmp_path / "nope") in missing.stderr
+    assert "Traceback" not in missing.stderr
+    no_raw = _cli("data", "filter", "--workdir", str(tmp_path / "empty"), "--profile", "tiny")
+    assert no_raw.returncode == 2 and "data import" in no_raw.stderr and "Traceback" not in no_raw.stderr
+
+
+def test_filter_accepts_a_data_juicer_recipe_as_config(tmp_path: Path) -> None:
+    from kolors_lib.cli import _config, parse_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("process:\n  - image_shape_filter:\n      min_width: 512\n", encoding="utf-8")
+    cfg, found = _config(parse_args(["data", "filter", "--config", str(recipe), "--profile", "tiny",
+                                     "--workdir", str(tmp_path)]))
+    assert found == recipe.resolve() and cfg.profile == "tiny"
