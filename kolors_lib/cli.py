@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(filt)
     filt.add_argument("--executor", choices=("default", "ray"), default=None,
                       help="Data-Juicer executor (ray: same recipe on a local Ray cluster)")
+
+    from kolors_lib.export import build_export_parser
+
+    build_export_parser(sub.add_parser(
+        "export-lora", help="convert a LoRA to diffsynth, diffusers (ComfyUI wrapper) or kohya (ComfyUI/WebUI) naming"))
     return parser
 
 
@@ -63,6 +68,11 @@ def _run(args: argparse.Namespace) -> int:
 
         out = write_tiny_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
         print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
+        return 0
+    if args.command == "export-lora":
+        from kolors_lib.export import export_lora
+
+        print(export_lora(args.src, args.fmt, args.dest, alpha=args.alpha))
         return 0
     cfg, recipe = _config(args)
     if args.command == "models":
@@ -91,11 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one command; known errors end with a one-line message and exit code 2."""
     args = parse_args(argv)
     from kolors_lib.data import DataError
+    from kolors_lib.export import LoraError
     from kolors_lib.filtering import FilterError
     from kolors_lib.models import ModelUnavailableError
 
     try:
         return _run(args)
-    except (ConfigError, DataError, FilterError, ModelUnavailableError) as err:
+    except (ConfigError, DataError, FilterError, ModelUnavailableError, LoraError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

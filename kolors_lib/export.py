@@ -1,0 +1,446 @@
+"""Save, load, convert and merge Kolors UNet LoRAs in DiffSynth, diffusers and kohya naming.
+
+Strength has one meaning everywhere: 1.0 is the training scale alpha/rank (peft's scale).
+
+* ``diffsynth``: what DiffSynth's trainer (peft) saves, ``blocks.7.transformer_blocks.0.attn1.to_q
+  .lora_A.default.weight`` / ``.lora_B.default.weight``; ΔW = (alpha/rank)·B·A with alpha and rank in
+  the file's metadata (the tensors alone do not carry alpha).
+* ``diffusers``: PEFT-style names that ``UNet2DConditionModel.load_lora_adapter(prefix="unet")`` and
+  ``KolorsPipeline.load_lora_weights`` read, ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1
+  .to_q.lora_A.weight``. diffusers applies such a file at scale 1.0, so alpha/rank is baked into lora_B:
+  adapter weight 1.0 = training strength.
+* ``kohya``: ``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight`` /
+  ``.lora_up.weight`` / ``.alpha`` (diffusers-style module path, as ComfyUI's stock LoRA loader, WebUI and
+  diffusers' kohya converter read it); loaders apply alpha/rank, so their strength 1.0 = training strength.
+  Not kohya's sgm naming (``input_blocks_4_1_...``): KolorsPipeline's loader passes no ``unet_config``,
+  which diffusers needs to remap sgm block numbers. For ComfyUI use this format: its stock loader
+  matches PEFT-style diffusers keys only in the ``attn1.processor.to_q`` spelling.
+
+Offline, diffusers finds a local LoRA file by folder + ``weight_name=`` (a bare file path makes it
+guess a Hub file name and fail).
+
+DiffSynth's own ``ModelManager.load_lora(path, lora_alpha=x)`` merges ``W += x·B·A`` without dividing by
+rank; :func:`diffsynth_lora_alpha` gives the ``x`` that matches a strength here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kolors_lib.compat import patch_torchvision
+
+FORMATS = ("diffsynth", "diffusers", "kohya")
+META_JSON_KEYS = "kolors_lib.json_keys"  # metadata entry listing the values stored JSON-encoded
+_DIFFSYNTH = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.default\.weight$")
+_DIFFUSERS = re.compile(r"^unet\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+_KOHYA = re.compile(r"^lora_unet_(?P<module>[^.]+)\.(?:lora_(?P<part>down|up)\.weight|(?P<alpha>alpha))$")
+_PATTERNS = {"diffsynth": _DIFFSYNTH, "diffusers": _DIFFUSERS, "kohya": _KOHYA}
+_MAX_LISTED = 20
+
+
+class LoraError(ValueError):
+    """A LoRA file or state dict that cannot be used as asked."""
+
+
+class LoraFormatError(LoraError):
+    """Not a LoRA file we can read, or keys in no known naming."""
+
+
+class LoraMismatchError(LoraError):
+    """A LoRA that does not fit the model: missing or unexpected keys, wrong shapes."""
+
+
+@dataclass
+class LoraPair:
+    """One adapted module: ΔW = scale·B·A (B: out×rank, A: rank×in)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank of this module."""
+        return int(self.down.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """The effective weight update scale·B·A in float32."""
+        return self.scale * (self.up.float() @ self.down.float())
+
+
+def _listing(names: Sequence[str]) -> str:
+    """A short comma-separated listing of key names."""
+    names = sorted(names)
+    more = f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
+
+
+# ---------------------------------------------------------------- key mapping
+
+
+@functools.cache
+def module_map() -> dict[str, str]:
+    """DiffSynth module path -> diffusers module path for every Kolors UNet weight (derived, not typed)."""
+    patch_torchvision()
+    from diffsynth.models.sdxl_unet import SDXLUNetStateDictConverter
+    from diffusers import UNet2DConditionModel
+
+    from kolors_lib.tiny import KOLORS_UNET_CONFIG
+
+    with torch.device("meta"):
+        config = {k: v for k, v in KOLORS_UNET_CONFIG.items() if not k.startswith("_")}
+        unet = UNet2DConditionModel.from_config(config)
+    names = [k for k in unet.state_dict() if k.endswith(".weight")]
+    # DiffSynth's own renaming, applied to index tensors so each renamed key points back at its source
+    renamed = SDXLUNetStateDictConverter().from_diffusers({k: torch.tensor([i]) for i, k in enumerate(names)})
+    renamed = renamed[0] if isinstance(renamed, tuple) else renamed
+    return {new.removesuffix(".weight"): names[int(i)].removesuffix(".weight") for new, i in renamed.items()}
+
+
+@functools.cache
+def _reverse_maps() -> tuple[dict[str, str], dict[str, str]]:
+    """(diffusers module -> DiffSynth module, kohya module -> DiffSynth module)."""
+    forward = module_map()
+    diffusers = {v: k for k, v in forward.items()}
+    kohya = {v.replace(".", "_"): k for k, v in forward.items()}
+    return diffusers, kohya
+
+
+def diffusers_module(diffsynth_module: str) -> str:
+    """The diffusers module path of a DiffSynth UNet module path."""
+    try:
+        return module_map()[diffsynth_module]
+    except KeyError:
+        raise LoraFormatError(f"no Kolors UNet module named {diffsynth_module!r}") from None
+
+
+def kohya_module(diffsynth_module: str) -> str:
+    """The kohya (`lora_unet_...` without prefix) name of a DiffSynth UNet module path."""
+    return diffusers_module(diffsynth_module).replace(".", "_")
+
+
+# ---------------------------------------------------------------- format detection and parsing
+
+
+def detect_format(state_dict: Mapping[str, Any]) -> str:
+    """The naming (diffsynth/diffusers/kohya) that most keys of a LoRA state dict follow."""
+    counts = {fmt: sum(1 for k in state_dict if pat.match(k)) for fmt, pat in _PATTERNS.items()}
+    best = max(counts, key=lambda f: counts[f])
+    if counts[best] == 0:
+        raise LoraFormatError(
+            f"no LoRA keys in a known naming ({', '.join(FORMATS)}): {_listing(list(state_dict))}")
+    return best
+
+
+def _partner(key: str, have_up: bool) -> str:
+    """The name of the missing other half (A/down or B/up) of a LoRA pair, from a key that is there."""
+    stem = re.sub(r"\.(lora_[AB](\.default)?\.weight|lora_(down|up)\.weight|alpha)$", "", key)
+    if key.startswith("lora_unet_"):
+        return f"{stem}.lora_down.weight" if have_up else f"{stem}.lora_up.weight"
+    tail = ".default.weight" if key.endswith(".default.weight") else ".weight"
+    return f"{stem}.lora_A{tail}" if have_up else f"{stem}.lora_B{tail}"
+
+
+def _meta_alpha(meta: Mapping[str, Any] | None, alpha: float | None) -> float | None:
+    """alpha given explicitly, else from file metadata, else None."""
+    if alpha is not None:
+        return float(alpha)
+    if meta and meta.get("alpha") is not None:
+        return float(meta["alpha"])
+    return None
+
+
+def parse_lora(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None,
+               alpha: float | None = None, fmt: str | None = None) -> dict[str, LoraPair]:
+    """Read a LoRA in any of the three namings into {DiffSynth module: LoraPair}; unknown keys raise."""
+    fmt = fmt or detect_format(state_dict)
+    if fmt not in FORMATS:
+        raise LoraFormatError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    diffusers_rev, kohya_rev = _reverse_maps() if fmt != "diffsynth" else ({}, {})
+    pattern = _PATTERNS[fmt]
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, str] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        m = pattern.match(key)
+        module = m.group("module") if m else None
+        if m and fmt == "diffusers":
+            module = diffusers_rev.get(module)
+        elif m and fmt == "kohya":
+            module = kohya_rev.get(module)
+        if module is None:
+            unknown.append(key)
+            continue
+        half = m.groupdict().get("part")
+        part = "alpha" if half is None else ("down" if half in ("A", "down") else "up")
+        parts.setdefault(module, {})[part] = value
+        keys[module] = key
+    if unknown:
+        raise LoraFormatError(
+            f"{len(unknown)} key(s) not in {fmt} naming for the Kolors UNet: {_listing(unknown)}")
+    incomplete = [_partner(keys[m], "up" in p) for m, p in parts.items() if "down" not in p or "up" not in p]
+    if incomplete:
+        raise LoraMismatchError(f"LoRA does not fit: missing keys: {_listing(incomplete)}")
+    default_alpha = _meta_alpha(meta, alpha)
+    if fmt == "diffsynth" and default_alpha is None:
+        raise LoraFormatError("a DiffSynth/peft LoRA does not store alpha: pass alpha (the training "
+                              "LoraConfig.alpha) or keep it in the file's metadata")
+    pairs = {}
+    for module, p in parts.items():
+        rank = int(p["down"].shape[0])
+        if fmt == "diffusers":
+            scale = 1.0  # diffusers applies PEFT-style files without alphas at scale 1.0 (ours are baked)
+        elif fmt == "kohya":
+            # kohya: alpha/rank, and a missing alpha means alpha = rank
+            scale = float(p["alpha"].item()) / rank if "alpha" in p else 1.0
+        else:
+            scale = default_alpha / rank
+        pairs[module] = LoraPair(p["down"], p["up"], scale)
+    return pairs
+
+
+def _nominal(pairs: Mapping[str, LoraPair], meta: Mapping[str, Any] | None) -> tuple[int, float]:
+    """The (rank, alpha) to write: the file's training values if known, else derived from the pairs."""
+    ranks = {p.rank for p in pairs.values()}
+    rank = int(meta["rank"]) if meta and meta.get("rank") is not None else max(ranks)
+    if meta and meta.get("alpha") is not None:
+        return rank, float(meta["alpha"])
+    scales = {round(p.scale * p.rank, 6) for p in pairs.values()}
+    return rank, scales.pop() if len(scales) == 1 else float(rank)
+
+
+def _up_for(pair: LoraPair, scale: float) -> torch.Tensor:
+    """lora_B / lora_up rescaled so that scale·B·A keeps the pair's effective update."""
+    if abs(pair.scale - scale) <= 1e-12 * max(1.0, abs(scale)):
+        return pair.up
+    return (pair.up.float() * (pair.scale / scale)).to(pair.up.dtype)
+
+
+def render_lora(pairs: Mapping[str, LoraPair], fmt: str, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """Write {DiffSynth module: LoraPair} as a state dict in naming `fmt` (strength 1.0 = same ΔW)."""
+    unknown = [m for m in pairs if m not in module_map()]
+    if unknown:
+        raise LoraFormatError(f"{len(unknown)} LoRA module(s) not in the Kolors UNet: {_listing(unknown)}")
+    out: dict[str, torch.Tensor] = {}
+    for module in sorted(pairs):
+        pair = pairs[module]
+        if fmt == "diffsynth":
+            out[f"{module}.lora_A.default.weight"] = pair.down
+            out[f"{module}.lora_B.default.weight"] = _up_for(pair, alpha / pair.rank)
+        elif fmt == "diffusers":
+            name = diffusers_module(module)
+            out[f"unet.{name}.lora_A.weight"] = pair.down
+            out[f"unet.{name}.lora_B.weight"] = _up_for(pair, 1.0)
+        elif fmt == "kohya":
+            name = f"lora_unet_{kohya_module(module)}"
+            out[f"{name}.lora_down.weight"] = pair.down
+            out[f"{name}.lora_up.weight"] = _up_for(pair, alpha / pair.rank)
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        else:
+            raise LoraFormatError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return out
+
+
+def convert_lora(state_dict: Mapping[str, torch.Tensor], fmt: str, meta: Mapping[str, Any] | None = None,
+                 alpha: float | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Convert a LoRA (any naming) to naming `fmt`; returns (state dict, metadata for save_lora)."""
+    if fmt not in FORMATS:
+        raise LoraFormatError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    meta = dict(meta or {})
+    if alpha is not None:
+        meta["alpha"] = float(alpha)
+    pairs = parse_lora(state_dict, meta, alpha)
+    rank, nominal_alpha = _nominal(pairs, meta)
+    kept = {k: v for k, v in meta.items() if not k.startswith("ss_") and k != "strength_note"}
+    out_meta = {**kept, "format": fmt, "rank": rank, "alpha": nominal_alpha}
+    if fmt == "diffusers":
+        out_meta["strength_note"] = "alpha/rank is baked into lora_B: adapter weight 1.0 = training strength"
+    if fmt == "kohya":
+        out_meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                         "ss_network_alpha": str(nominal_alpha)})
+    return render_lora(pairs, fmt, rank, nominal_alpha), out_meta
+
+
+# ---------------------------------------------------------------- files
+
+
+def _encode_meta(meta: Mapping[str, Any]) -> dict[str, str]:
+    """safetensors metadata: strings as they are, everything else JSON (listed under META_JSON_KEYS)."""
+    out, encoded = {}, []
+    for key, value in meta.items():
+        if key == META_JSON_KEYS:
+            continue
+        if isinstance(value, str):
+            out[str(key)] = value
+        else:
+            out[str(key)] = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+            encoded.append(str(key))
+    if encoded:
+        out[META_JSON_KEYS] = json.dumps(sorted(encoded))
+    return out
+
+
+def _decode_meta(raw: Mapping[str, str]) -> dict[str, Any]:
+    """Inverse of _encode_meta."""
+    encoded = set(json.loads(raw.get(META_JSON_KEYS, "[]")))
+    return {k: (json.loads(v) if k in encoded else v) for k, v in raw.items() if k != META_JSON_KEYS}
+
+
+def save_lora(state_dict: Mapping[str, torch.Tensor], path: str | Path, meta: Mapping[str, Any]) -> Path:
+    """Write a LoRA `.safetensors` atomically with string metadata (rank, alpha, format, settings...)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise LoraFormatError(f"{path}: LoRA files are written as .safetensors")
+    meta = dict(meta)
+    found = detect_format(state_dict)
+    if meta.setdefault("format", found) != found:
+        raise LoraFormatError(f"metadata says format {meta['format']!r} but the keys are in {found} naming")
+    if found == "diffsynth" and meta.get("alpha") is None:
+        raise LoraFormatError("a DiffSynth/peft LoRA needs alpha in its metadata (tensors lack it)")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=_encode_meta(meta))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _file_kind(path: Path) -> str:
+    """A guess at what a non-safetensors file is, for the error message."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK"):
+        return "a torch.save/Lightning checkpoint (zip of pickles)"
+    if head[:1] == b"\x80":
+        return "a Python pickle"
+    return "not a safetensors file"
+
+
+def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a LoRA `.safetensors` -> (state dict, metadata); pickles are refused, never unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            raw = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoraFormatError(f"{path}: cannot read as safetensors, {_file_kind(path)} ({err}); this loader "
+                              f"only reads .safetensors, it never unpickles files") from None
+    return state, _decode_meta(raw)
+
+
+def export_lora(src: str | Path, fmt: str, dest: str | Path, alpha: float | None = None) -> Path:
+    """Convert LoRA file `src` to naming `fmt` and write it to `dest` (a file, or a folder to write into)."""
+    src, dest = Path(src), Path(dest)
+    if dest.is_dir():
+        dest = dest / f"{src.stem}.{fmt}.safetensors"
+    state, meta = load_lora(src)
+    out, out_meta = convert_lora(state, fmt, meta, alpha)
+    out_meta.setdefault("source_file", src.name)
+    return save_lora(out, dest, out_meta)
+
+
+# ---------------------------------------------------------------- merging into DiffSynth's UNet
+
+
+def diffsynth_lora_alpha(strength: float, rank: int, alpha: float) -> float:
+    """The `lora_alpha` for DiffSynth's `ModelManager.load_lora` (W += x·B·A) matching `strength` here."""
+    return float(strength) * float(alpha) / int(rank)
+
+
+def check_lora_fits(model: torch.nn.Module, pairs: Mapping[str, LoraPair]) -> None:
+    """Raise LoraMismatchError naming missing/unexpected modules and wrong shapes of a LoRA for `model`."""
+    weights = {k.removesuffix(".weight"): v for k, v in model.state_dict().items() if k.endswith(".weight")}
+    unexpected = [f"{m}.lora_A.default.weight" for m in pairs if m not in weights]
+    leaves = {m.rsplit(".", 1)[-1] for m in pairs}
+    # every module peft would target with these leaf names (its suffix rule) must be present
+    missing = [f"{m}.lora_A.default.weight" for m, w in weights.items()
+               if m.rsplit(".", 1)[-1] in leaves and w.ndim == 2 and m not in pairs]
+    shapes = []
+    for module, pair in pairs.items():
+        weight = weights.get(module)
+        if weight is None:
+            continue
+        down, up = tuple(pair.down.shape), tuple(pair.up.shape)
+        fits = len(down) == len(up) == 2 and up[1] == down[0] and (up[0], down[1]) == tuple(weight.shape)
+        if not fits:
+            shapes.append(f"{module} (weight {tuple(weight.shape)}, lora_A {down}, lora_B {up})")
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes: {_listing(shapes)}")
+    if problems:
+        raise LoraMismatchError("LoRA does not fit the UNet; " + "; ".join(problems))
+
+
+def merge_lora(unet: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], strength: float = 1.0,
+               alpha: float | None = None, meta: Mapping[str, Any] | None = None) -> int:
+    """Merge a LoRA into DiffSynth's UNet in place, W += strength·(alpha/rank)·B·A; returns modules merged.
+
+    Any naming is accepted; a DiffSynth/peft state dict needs `alpha` (or `meta` holding it). Unlike
+    DiffSynth's loader (strict=False), a LoRA that does not fit raises LoraMismatchError.
+    """
+    pairs = parse_lora(state_dict, meta, alpha)
+    check_lora_fits(unet, pairs)
+    params = dict(unet.named_parameters())
+    buffers = dict(unet.named_buffers())
+    with torch.no_grad():
+        for module, pair in pairs.items():
+            weight = params.get(f"{module}.weight", buffers.get(f"{module}.weight"))
+            delta = float(strength) * pair.delta().to(weight.device)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+    return len(pairs)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_export_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `export-lora IN --format {diffsynth,diffusers,kohya} OUT [--alpha A]`."""
+    parser = parser or argparse.ArgumentParser(prog="python -m kolors_lib export-lora", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, help="LoRA .safetensors (any of the three namings)")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, required=True, help="naming to write")
+    parser.add_argument("dest", type=Path, help="output .safetensors (or a folder to write into)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="training LoRA alpha, when a DiffSynth file lacks it in its metadata")
+    return parser
+
+
+def main_export(argv: Sequence[str] | None = None) -> int:
+    """`export-lora` entry point: convert, print the written path; 2 with a message on error."""
+    args = build_export_parser().parse_args(argv)
+    try:
+        out = export_lora(args.src, args.fmt, args.dest, alpha=args.alpha)
+    except (LoraError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
