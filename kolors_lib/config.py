@@ -103,6 +103,28 @@ class TrainConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Step 04: the story file and how its panels are rendered."""
+
+    story: Path = CONFIG_DIR / "story.yaml"
+    strength: float = 1.0
+    add_trigger_word: bool = True
+    # None: use the story file's values; the tiny profile sets small ones
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    sweep_strengths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    offload_text_encoder: bool = True
+
+
+@dataclass
+class ScoreConfig:
+    """Step 05: the challenge's aesthetic gate."""
+
+    gate: float = 6.0
+
+
+@dataclass
 class Config:
     """Everything a step needs; every output path derives from `workdir`."""
 
@@ -113,6 +135,8 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     seed: int = 42
     resolution: int = 1024
     device: str = "cuda"
@@ -137,6 +161,21 @@ class Config:
     def lora_dir(self) -> Path:
         """Step 03 output: caches, checkpoints, the trained LoRA and its exports."""
         return self.workdir / "lora"
+
+    @property
+    def storyboard_dir(self) -> Path:
+        """Step 04 output: panels, the storyboard grid, the manifest."""
+        return self.workdir / "storyboard"
+
+    @property
+    def scores_dir(self) -> Path:
+        """Step 05 output: the score report."""
+        return self.workdir / "scores"
+
+    @property
+    def publish_dir(self) -> Path:
+        """Step 06 output: the folder that is uploaded to ModelScope."""
+        return self.workdir / "publish"
 
     @property
     def models_dir(self) -> Path:
@@ -215,7 +254,7 @@ def _path(value: Any, base: Path, workdir: Path | None = None) -> Path | None:
     return path if path.is_absolute() else (base / path).resolve()
 
 
-_PATH_KEYS = (("workdir",), ("filter", "recipe"), ("data", "source"), ("models", "cache_dir"),
+_PATH_KEYS = (("workdir",), ("filter", "recipe"), ("generate", "story"), ("data", "source"), ("models", "cache_dir"),
               ("models", "kolors", "local_dir"), ("models", "vae_fp16_fix", "local_dir"),
               ("models", "aesthetic", "local_dir"))
 
@@ -295,10 +334,13 @@ def _from_dict(
         raise ConfigError(f"{where}: filter.executor must be 'default' or 'ray', not {filt.executor!r}")
     lora = _build(LoraConfig, data.pop("lora", {}) or {}, f"{where}: lora")
     train = _build(TrainConfig, data.pop("train", {}) or {}, f"{where}: train")
+    gen = _build(GenerateConfig, data.pop("generate", {}) or {}, f"{where}: generate")
+    gen.story = _path(gen.story, base, wd) or GenerateConfig().story
+    score = _build(ScoreConfig, data.pop("score", {}) or {}, f"{where}: score")
     return _build(
         Config,
         {**data, "profile": profile, "workdir": wd, "source_file": source.resolve(),
          "models": ModelsConfig(cache_dir=cache, **sources), "data": data_cfg, "filter": filt,
-         "lora": lora, "train": train},
+         "lora": lora, "train": train, "generate": gen, "score": score},
         where,
     )
