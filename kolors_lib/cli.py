@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Data-Juicer executor (ray: same recipe on a local Ray cluster)")
 
     from kolors_lib.export import build_export_parser
+    from kolors_lib.scoring import build_score_parser
+
+    build_score_parser(sub.add_parser(
+        "score", help="step 05: aesthetic score per panel, the mean vs the gate, style consistency"))
 
     build_export_parser(sub.add_parser(
         "export-lora", help="convert a LoRA to diffsynth, diffusers (ComfyUI wrapper) or kohya (ComfyUI/WebUI) naming"))
@@ -69,6 +73,10 @@ def _run(args: argparse.Namespace) -> int:
         out = write_tiny_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
         print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
         return 0
+    if args.command == "score":
+        from kolors_lib.scoring import run_score
+
+        return run_score(args)
     if args.command == "export-lora":
         from kolors_lib.export import export_lora
 
