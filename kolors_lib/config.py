@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,9 +227,8 @@ def resolve_profile(profile: str) -> str:
         return profile
     if cuda_available():
         return "full"
-    msg = "profile 'auto': no CUDA GPU found, using the 'tiny' profile (random-weight Kolors on CPU)"
-    warnings.warn(msg, stacklevel=3)
-    print(f"NOTICE: {msg}", file=sys.stderr)
+    print("NOTICE: profile 'auto': no CUDA GPU found, using the 'tiny' profile (random-weight Kolors on CPU)",
+          file=sys.stderr)
     return "tiny"
 
 
