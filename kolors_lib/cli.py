@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Data-Juicer executor (ray: same recipe on a local Ray cluster)")
 
     from kolors_lib.export import build_export_parser
+    from kolors_lib.training import build_train_parser
+
+    build_train_parser(sub.add_parser("train", help="step 03: train the Kolors LoRA (cached text + latents)"))
     from kolors_lib.scoring import build_score_parser
 
     build_score_parser(sub.add_parser(
@@ -73,6 +76,10 @@ def _run(args: argparse.Namespace) -> int:
         out = write_tiny_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
         print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
         return 0
+    if args.command == "train":
+        from kolors_lib.training import run_train
+
+        return run_train(args)
     if args.command == "score":
         from kolors_lib.scoring import run_score
 
