@@ -42,11 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Data-Juicer executor (ray: same recipe on a local Ray cluster)")
 
     from kolors_lib.export import build_export_parser
+    from kolors_lib.generation import build_storyboard_parser
     from kolors_lib.training import build_train_parser
 
     build_train_parser(sub.add_parser("train", help="step 03: train the Kolors LoRA (cached text + latents)"))
     from kolors_lib.scoring import build_score_parser
 
+    build_storyboard_parser(sub.add_parser(
+        "storyboard", help="step 04: render the 8-panel story with the LoRA (grid + reproducible manifest)"))
     build_score_parser(sub.add_parser(
         "score", help="step 05: aesthetic score per panel, the mean vs the gate, style consistency"))
 
@@ -80,6 +83,10 @@ def _run(args: argparse.Namespace) -> int:
         from kolors_lib.training import run_train
 
         return run_train(args)
+    if args.command == "storyboard":
+        from kolors_lib.generation import run_storyboard
+
+        return run_storyboard(args)
     if args.command == "score":
         from kolors_lib.scoring import run_score
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from kolors_lib.config import Config
 from kolors_lib.hub import hub_endpoint, hub_reachable
+from kolors_lib.viz import font_properties
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -628,6 +629,7 @@ def show_images(
         fig.text(0.5, 0.5, "no images", ha="center", va="center")
         return fig
     axes = fig.subplots(rows, cols, squeeze=False)
+    font = font_properties("".join(titles or []))
     for index, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if index >= len(paths):
@@ -640,7 +642,7 @@ def show_images(
                 ax.imshow(np.asarray(to_rgb(img)[0]))
         except Exception as err:  # one unreadable file should not hide the rest of the grid
             ax.text(0.5, 0.5, f"unreadable\n{type(err).__name__}", ha="center", va="center", fontsize=7)
-        ax.set_title(title if len(title) <= 24 else title[:23] + "…", fontsize=7)
+        ax.set_title(title if len(title) <= 24 else title[:23] + "…", fontsize=7, fontproperties=font)
     fig.tight_layout()
     return fig
 

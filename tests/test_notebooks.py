@@ -23,7 +23,7 @@ def test_notebooks_are_committed_clean() -> None:
 def test_course_notebooks_run_in_sequence(tmp_path: Path) -> None:
     workdir = tmp_path / "course"
     done = notebooks.run("tiny", workdir, only=None)
-    assert [p.name[:2] for p in done][:2] == ["01", "02"]
+    assert [p.name[:2] for p in done][:5] == ["01", "02", "03", "04", "05"]
 
     raw = [json.loads(line) for line in (workdir / "data/raw/metadata.jsonl").read_text().splitlines()]
     report = json.loads((workdir / "data/clean/report.json").read_text())
@@ -35,6 +35,28 @@ def test_course_notebooks_run_in_sequence(tmp_path: Path) -> None:
     assert all(r["text"].startswith("kstory") for r in rows)
     # every filter had something to remove in the sample set
     assert all(op["removed"] > 0 for op in report["ops"]), report["ops"]
+
+    # step 03: a LoRA in DiffSynth naming plus its exports, and a loss log
+    from safetensors import safe_open
+
+    with safe_open(str(workdir / "lora/kolors_lora.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(".lora_A.default.weight" in k or ".lora_B.default.weight" in k for k in keys)
+    assert (meta["rank"], meta["alpha"], meta["trigger_word"]) == ("16", "4.0", "kstory")
+    assert (workdir / "lora/kolors_lora.diffusers.safetensors").is_file()
+    assert (workdir / "lora/kolors_lora.kohya.safetensors").is_file()
+    assert len((workdir / "lora/loss.csv").read_text().splitlines()) == 31
+
+    # step 04: 8 panels + grid + a manifest that names the LoRA we trained; step 05: their scores
+    manifest = json.loads((workdir / "storyboard/manifest.json").read_text(encoding="utf-8"))
+    assert [p["seed"] for p in manifest["panels"]] == list(range(1, 9))
+    assert all(p["prompt"].startswith("kstory, 古风") for p in manifest["panels"])
+    assert manifest["lora"]["strength"] == 1.0
+    assert sorted(f.name for f in (workdir / "storyboard").glob("panel_*.png")) == [
+        f"panel_{i:02d}.png" for i in range(1, 9)]
+    scores = json.loads((workdir / "scores/scores.json").read_text(encoding="utf-8"))
+    assert scores["gate"] == 6.0 and scores["passed"] is False  # random weights score about 0
+    assert len([r for r in scores["files"] if r["panel"]]) == 8
 
     # the executed notebooks show pictures, not just text
     executed = json.loads((workdir / "notebooks/02_clean_with_data_juicer.ipynb").read_text())

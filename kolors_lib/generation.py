@@ -1,0 +1,817 @@
+"""Step 04: render the 8-panel storyboard with Kolors + the trained LoRA (DiffSynth 1.1.9).
+
+How a storyboard is rendered (`render_storyboard`):
+
+1. The story file is read and validated (8 scenes, prompts, seeds, sizes) before any model loads.
+2. The LoRA file is read (a missing file says to run step 03) and checked against the UNet: a LoRA
+   that does not fit fails before anything is encoded or denoised.
+3. Kolors is loaded from the profile and the LoRA merged at `strength` (1.0 = the training scale
+   alpha/rank, see :mod:`kolors_lib.export`).
+4. **Phase 1, text:** ChatGLM encodes the 8 prompts and the negative prompt, once each. Then it is
+   released (moved off the GPU, its references dropped, the CUDA cache emptied), so the GPU holds
+   ChatGLM (11.6 GiB fp16) *or* UNet + VAE (4.9 GiB), never both: peak = max of the phases, not the sum.
+   With a CUDA device the models are loaded on the CPU and each phase moves only what it needs.
+5. **Phase 2, pixels:** every panel is rendered by DiffSynth's own `SDXLImagePipeline.__call__`
+   (scheduler, CFG, add_time_ids, seeded latents, VAE decode: all stock) whose `encode_prompt` is
+   replaced by a look-up in the phase-1 embeddings. Same seed -> same pixels as a plain pipeline call.
+
+Outputs in `cfg.storyboard_dir`: panel_01.png .. panel_08.png, storyboard.png (2x4 grid with
+captions) and manifest.json (everything needed to re-render a panel, see `reproduce`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+
+from kolors_lib.config import Config, ConfigError
+from kolors_lib.viz import find_cjk_font
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+N_SCENES = 8
+SIZE_MULTIPLE = 64  # DiffSynth's SDXL/Kolors pipeline rounds height/width up to multiples of 64
+STORY_KEYS = ("title", "negative", "cfg_scale", "steps", "width", "height", "scenes")
+SCENE_KEYS = ("scene", "prompt", "seed")
+MANIFEST_NAME = "manifest.json"
+GRID_NAME = "storyboard.png"
+SWEEP_NAME = "sweep.png"
+LORA_NAME = "kolors_lora.safetensors"  # what step 03 writes into cfg.lora_dir
+MANIFEST_VERSION = 1
+_MAX_SEED = 2**63 - 1
+# families that carry Chinese glyphs; any installed font with every glyph needed is accepted too
+
+
+class StoryError(ValueError):
+    """A story file that cannot be rendered (names the file and the scene)."""
+
+
+class LoraNotFoundError(FileNotFoundError):
+    """The trained LoRA file is not where step 04 looks for it."""
+
+
+# ---------------------------------------------------------------- the story file
+
+
+@dataclass
+class Scene:
+    """One panel: a caption, the prompt and its seed."""
+
+    scene: str
+    prompt: str
+    seed: int
+
+
+@dataclass
+class Story:
+    """A validated story file: 8 scenes plus the settings shared by all panels."""
+
+    title: str
+    negative: str
+    cfg_scale: float
+    steps: int
+    width: int
+    height: int
+    scenes: list[Scene]
+    path: Path | None = None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_story(path: str | Path) -> Story:
+    """Read and validate a story YAML; every problem found is listed in one StoryError.
+
+    Checks: known keys only (top level and per scene), exactly 8 scenes, non-empty prompts, integer
+    seeds in [0, 2**63), positive integer steps, a positive cfg_scale, width/height multiples of 64.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoryError(f"story file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise StoryError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise StoryError(f"{path}: expected a mapping with a 'scenes' list at the top level")
+    problems: list[str] = []
+    unknown = sorted(set(map(str, raw)) - set(STORY_KEYS))
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(STORY_KEYS)})")
+    title = raw.get("title") or path.stem
+    negative = raw.get("negative") or ""
+    if not isinstance(negative, str):
+        problems.append("'negative' must be a string")
+    cfg_scale = raw.get("cfg_scale", 4.0)
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale > 0:
+        problems.append(f"cfg_scale must be a positive number, not {cfg_scale!r}")
+    steps = raw.get("steps", 50)
+    if not _is_int(steps) or steps < 1:
+        problems.append(f"steps must be a positive integer, not {steps!r}")
+    sizes = {}
+    for key in ("width", "height"):
+        value = raw.get(key, 1024)
+        sizes[key] = value
+        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+            problems.append(f"{key} must be a positive multiple of {SIZE_MULTIPLE} (Kolors' UNet halves the "
+                            f"8x-downsampled latent 3 times), not {value!r}")
+    scenes_raw = raw.get("scenes")
+    scenes: list[Scene] = []
+    if not isinstance(scenes_raw, list):
+        problems.append("'scenes' must be a list of 8 scenes (scene, prompt, seed)")
+        scenes_raw = []
+    elif len(scenes_raw) != N_SCENES:
+        problems.append(f"expected exactly {N_SCENES} scenes, found {len(scenes_raw)}")
+    for number, item in enumerate(scenes_raw, start=1):
+        where = f"scene {number}"
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected a mapping with scene, prompt, seed")
+            continue
+        bad = sorted(set(map(str, item)) - set(SCENE_KEYS))
+        if bad:
+            problems.append(f"{where}: unknown key(s) {', '.join(bad)} (known: {', '.join(SCENE_KEYS)})")
+        prompt = item.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            problems.append(f"{where}: prompt is empty or missing")
+        seed = item.get("seed")
+        if not _is_int(seed) or not 0 <= seed <= _MAX_SEED:
+            problems.append(f"{where}: seed must be an integer in [0, 2**63), not {seed!r}")
+        caption = item.get("scene", "")
+        scenes.append(Scene(str(caption or f"scene {number}"), str(prompt or "").strip(), seed))
+    if problems:
+        raise StoryError(f"{path}: " + "; ".join(problems))
+    return Story(str(title), negative.strip(), float(cfg_scale), steps, sizes["width"], sizes["height"],
+                 scenes, path.resolve())
+
+
+def with_trigger(prompt: str, trigger_word: str | None) -> str:
+    """`prompt` with the trigger word first (as in the training captions) unless it is already there."""
+    trigger = (trigger_word or "").strip()
+    if not trigger or trigger in prompt:
+        return prompt
+    return f"{trigger}, {prompt}"
+
+
+@dataclass
+class RenderSettings:
+    """The values every panel of one run shares (story file + the profile's overrides)."""
+
+    negative: str
+    cfg_scale: float
+    steps: int
+    width: int
+    height: int
+
+
+def render_settings(cfg: Config, story: Story) -> RenderSettings:
+    """Story values, with cfg.generate.steps/width/height overriding them where set."""
+    gen = cfg.generate
+    steps = gen.steps or story.steps
+    width, height = gen.width or story.width, gen.height or story.height
+    for key, value in (("width", width), ("height", height)):
+        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+            raise ConfigError(f"generate.{key} must be a positive multiple of {SIZE_MULTIPLE}, not {value!r}")
+    if not _is_int(steps) or steps < 1:
+        raise ConfigError(f"generate.steps must be a positive integer, not {steps!r}")
+    return RenderSettings(story.negative, story.cfg_scale, steps, width, height)
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path next to `path`; on success it replaces `path`, on error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Write a PNG atomically."""
+    with _atomic(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def write_json(data: Any, path: Path) -> Path:
+    """Write JSON (UTF-8, readable Chinese) atomically."""
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def resolve_device(device: str) -> str:
+    """`device` when it exists here, else "cpu" (a cuda config on a CPU-only machine)."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return str(device)
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp16 on a GPU (DiffSynth's VAE decoder upcasts itself), fp32 on the CPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib_metadata.version(package)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def _quiet(items: Any) -> Any:
+    """A progress_bar_cmd for DiffSynth that shows nothing (the panel bar is ours)."""
+    return items
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+@dataclass
+class LoraSpec:
+    """A LoRA file read for inference: tensors, metadata, and the values strength refers to."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    rank: int
+    alpha: float
+    sha256: str
+
+    @property
+    def scale(self) -> float:
+        """The training scale alpha/rank (strength 1.0)."""
+        return self.alpha / self.rank
+
+
+def default_lora_path(cfg: Config) -> Path:
+    """Where step 03 writes the trained LoRA."""
+    return cfg.lora_dir / LORA_NAME
+
+
+def read_lora(path: str | Path, cfg: Config | None = None, alpha: float | None = None) -> LoraSpec:
+    """Load a LoRA file; a missing file names the step that makes it. alpha: file metadata, else cfg.lora."""
+    from kolors_lib.export import LoraFormatError, load_lora, parse_lora
+
+    path = Path(path)
+    if not path.is_file():
+        workdir = f" --workdir {cfg.workdir}" if cfg is not None else ""
+        raise LoraNotFoundError(f"LoRA file not found: {path}; train it first with step 03: "
+                                f"python -m kolors_lib train{workdir}")
+    state, meta = load_lora(path)
+    if alpha is None and meta.get("alpha") is None:
+        alpha = cfg.lora.alpha if cfg is not None else None
+    pairs = parse_lora(state, meta, alpha)
+    ranks = {p.rank for p in pairs.values()}
+    rank = int(meta["rank"]) if meta.get("rank") not in (None, "") else max(ranks)
+    used_alpha = float(alpha) if alpha is not None else float(meta["alpha"])
+    if not pairs:
+        raise LoraFormatError(f"{path}: holds no LoRA pairs")
+    return LoraSpec(path.resolve(), state, meta, rank, used_alpha, sha256_file(path))
+
+
+class LoraMerger:
+    """Merges a LoRA into a UNet at a strength; `set(s)` again restores the base first (for sweeps)."""
+
+    def __init__(self, unet: torch.nn.Module, lora: LoraSpec, keep_base: bool = False) -> None:
+        from kolors_lib.export import check_lora_fits, parse_lora
+
+        self.unet, self.lora = unet, lora
+        self.pairs = parse_lora(lora.state_dict, lora.meta, lora.alpha)
+        check_lora_fits(unet, self.pairs)  # raises LoraMismatchError naming keys, before any denoising
+        params = dict(unet.named_parameters())
+        self._base = ({m: params[f"{m}.weight"].detach().to("cpu", copy=True) for m in self.pairs}
+                      if keep_base else None)
+        self.strength = 0.0
+
+    def set(self, strength: float) -> None:
+        """W = W_base + strength·(alpha/rank)·B·A, exactly as export.merge_lora computes it."""
+        from kolors_lib.export import merge_lora
+
+        if self.strength != 0.0:
+            if self._base is None:
+                raise RuntimeError("LoraMerger(keep_base=False) merges once; build it with keep_base=True")
+            params = dict(self.unet.named_parameters())
+            with torch.no_grad():
+                for module, weight in self._base.items():
+                    params[f"{module}.weight"].copy_(weight)
+        if strength != 0.0:
+            merge_lora(self.unet, self.lora.state_dict, strength, alpha=self.lora.alpha, meta=self.lora.meta)
+        self.strength = float(strength)
+
+
+# ---------------------------------------------------------------- the two-phase renderer
+
+
+@contextlib.contextmanager
+def _no_transformers_bars() -> Iterator[None]:
+    """Hide transformers' "Loading checkpoint shards" bar while models load (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _peak_reset(device: str) -> None:
+    if _cuda(device):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device: str) -> int | None:
+    return int(torch.cuda.max_memory_allocated()) if _cuda(device) else None
+
+
+class KolorsRenderer:
+    """DiffSynth's Kolors pipeline run in two phases: encode every prompt, release ChatGLM, denoise.
+
+    `encode()` fills a prompt -> embeddings cache; `render()` calls the stock
+    `SDXLImagePipeline.__call__` with `encode_prompt` answered from that cache, so the denoising
+    is DiffSynth's own code and ChatGLM is never called (nor needed in memory) while it runs.
+    """
+
+    def __init__(self, root: Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                 offload_text_encoder: bool = True) -> None:
+        from kolors_lib.compat import patch_torchvision
+        from kolors_lib.models import KolorsPaths, load_kolors
+
+        patch_torchvision()
+        from diffsynth import SDXLImagePipeline
+
+        self.root = Path(root)
+        self.device = device
+        self.dtype = dtype or default_dtype(device)
+        self.offload = offload_text_encoder
+        paths = KolorsPaths.from_root(self.root)
+        # offloading on a GPU: load on the CPU, each phase moves to the GPU only what it runs
+        load_device = "cpu" if offload_text_encoder and _cuda(device) else device
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), _no_transformers_bars():  # DiffSynth prints lines per model
+            self.manager = load_kolors(paths, device=load_device, dtype=self.dtype)
+            self.pipe = SDXLImagePipeline.from_model_manager(self.manager, device=device)
+        self.load_log = log.getvalue()
+        if self.pipe.text_encoder_kolors is None or self.pipe.unet is None:
+            raise RuntimeError(f"{self.root}: DiffSynth found no Kolors ChatGLM/UNet there")
+        self.cache: dict[tuple[str, bool, int, int], dict[str, torch.Tensor]] = {}
+        self.text_encoder_released = False
+        self.peak_memory: dict[str, int | None] = {}
+        self.pipe.encode_prompt = self._cached_prompt  # instance attribute shadows the method
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """DiffSynth's Kolors UNet (merge LoRAs here)."""
+        return self.pipe.unet
+
+    @property
+    def scheduler_info(self) -> dict[str, Any]:
+        """The scheduler DiffSynth switched to for Kolors, by name and parameters."""
+        s = self.pipe.scheduler
+        return {"name": type(s).__name__, "num_train_timesteps": s.num_train_timesteps,
+                "prediction_type": s.prediction_type, "beta_end": 0.014, "beta_schedule": "scaled_linear",
+                "set_by": "diffsynth SDXLImagePipeline.fetch_models (Kolors)"}
+
+    def _cached_prompt(self, prompt: str, clip_skip: int = 1, clip_skip_2: int = 2,
+                       positive: bool = True) -> dict[str, torch.Tensor]:
+        key = (prompt, bool(positive), clip_skip, clip_skip_2)
+        if key not in self.cache:
+            raise RuntimeError(f"prompt not encoded in phase 1 (ChatGLM is released): {prompt!r}")
+        return self.cache[key]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], negatives: Sequence[str] = ("",)) -> None:
+        """Phase 1: ChatGLM encodes each distinct prompt once (negatives as DiffSynth does), then is released."""
+        if self.text_encoder_released:
+            missing = [p for p in prompts if (p, True, 1, 2) not in self.cache]
+            missing += [p for p in negatives if (p, False, 1, 2) not in self.cache]
+            if missing:
+                raise RuntimeError(f"ChatGLM was released; cannot encode {missing!r}")
+            return
+        pipe = self.pipe
+        encoder = pipe.text_encoder_kolors
+        _peak_reset(self.device)
+        if self.offload and _cuda(self.device):
+            encoder.to(self.device)
+        todo = [(p, True) for p in dict.fromkeys(prompts)] + [(n, False) for n in dict.fromkeys(negatives)]
+        for prompt, positive in todo:
+            key = (prompt, positive, 1, 2)
+            if key not in self.cache:
+                self.cache[key] = _encode_one(pipe, prompt, positive)
+        self.peak_memory["encode"] = _peak(self.device)
+        if self.offload:
+            self.release_text_encoder()
+
+    def release_text_encoder(self) -> None:
+        """Take ChatGLM off the device and drop every reference to it (pipeline, prompter, manager)."""
+        pipe = self.pipe
+        encoder = pipe.text_encoder_kolors
+        if encoder is None:
+            return
+        if _cuda(self.device):
+            encoder.to("cpu")
+        pipe.text_encoder_kolors = None
+        pipe.prompter.text_encoder = None
+        keep = [i for i, name in enumerate(self.manager.model_name) if name != "kolors_text_encoder"]
+        self.manager.model = [self.manager.model[i] for i in keep]
+        self.manager.model_path = [self.manager.model_path[i] for i in keep]
+        self.manager.model_name = [self.manager.model_name[i] for i in keep]
+        del encoder
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.text_encoder_released = True
+
+    def _to_device(self, names: Sequence[str]) -> None:
+        for name in names:
+            model = getattr(self.pipe, name, None)
+            if model is not None:
+                model.to(self.device)
+
+    @torch.no_grad()
+    def render(self, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float, width: int, height: int,
+               input_image: Image.Image | None = None, denoising_strength: float = 1.0) -> Image.Image:
+        """Phase 2: one image by the stock pipeline call, prompts answered from the phase-1 cache."""
+        self._cached_prompt(prompt, positive=True)  # fail before any work if it was not encoded
+        self._cached_prompt(negative, positive=False)
+        if "denoise" not in self.peak_memory:
+            _peak_reset(self.device)
+        self._to_device(["unet", "vae_decoder"] + (["vae_encoder"] if input_image is not None else []))
+        image = self.pipe(prompt, negative_prompt=negative, cfg_scale=cfg_scale, height=height, width=width,
+                          num_inference_steps=steps, seed=seed, input_image=input_image,
+                          denoising_strength=denoising_strength, progress_bar_cmd=_quiet)
+        self.peak_memory["denoise"] = max(self.peak_memory.get("denoise") or 0, _peak(self.device) or 0) or None
+        return image
+
+
+def _encode_one(pipe: Any, prompt: str, positive: bool) -> dict[str, torch.Tensor]:
+    """DiffSynth's own SDXLImagePipeline.encode_prompt (the class method, not the cache)."""
+    return type(pipe).encode_prompt(pipe, prompt, clip_skip=1, clip_skip_2=2, positive=positive)
+
+
+# ---------------------------------------------------------------- captions and grids
+
+
+def panel_captions(scenes: Sequence[Scene], font: Path | None) -> list[str]:
+    """'01 女主正在上课' with a CJK font; ASCII '01 · seed 1' without one (never tofu boxes)."""
+    out = []
+    for i, scene in enumerate(scenes, start=1):
+        if font is not None or scene.scene.isascii():
+            out.append(f"{i:02d} {scene.scene}")
+        else:
+            out.append(f"{i:02d} · seed {scene.seed}")
+    return out
+
+
+def grid_figure(images: Sequence[Path], captions: Sequence[str], title: str = "", cols: int = 4,
+                font: Path | None = None, thumb: float = 2.4) -> Figure:
+    """A captioned image grid as a matplotlib Figure (no pyplot)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+    from PIL import Image
+
+    cols = max(1, min(cols, len(images)))
+    rows = max(1, math.ceil(len(images) / cols))
+    props = FontProperties(fname=str(font)) if font is not None else None
+    fig = Figure(figsize=(cols * thumb, rows * (thumb + 0.35) + (0.4 if title else 0)), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if index >= len(images):
+            continue
+        with Image.open(images[index]) as img:
+            ax.imshow(np.asarray(img.convert("RGB")))
+        caption = captions[index] if index < len(captions) else Path(images[index]).name
+        ax.set_title(caption if len(caption) <= 22 else caption[:21] + "…", fontsize=9, fontproperties=props)
+    if title:
+        fig.suptitle(title, fontproperties=props, fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Save a Figure as PNG, atomically."""
+    with _atomic(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+# ---------------------------------------------------------------- step 04: the storyboard
+
+
+@dataclass
+class StoryboardResult:
+    """What render_storyboard wrote, and how it ran."""
+
+    out_dir: Path
+    panels: list[Path]
+    grid: Path
+    manifest: Path
+    prompts: list[str]
+    strength: float
+    seconds: float
+    peak_memory: dict[str, int | None] = field(default_factory=dict)
+    font: Path | None = None
+
+    def figure(self) -> Figure:
+        """The storyboard grid as a Figure, for the notebook."""
+        data = json.loads(self.manifest.read_text(encoding="utf-8"))
+        scenes = [Scene(p["scene"], p["prompt"], p["seed"]) for p in data["panels"]]
+        return grid_figure(self.panels, panel_captions(scenes, self.font), font=self.font)
+
+
+def _base_model_info(cfg: Config | None, root: Path) -> dict[str, Any]:
+    model_id = cfg.models.kolors.model_id if cfg is not None else None
+    return {"model_id": model_id, "folder": str(Path(root).resolve()),
+            "profile": cfg.profile if cfg is not None else None}
+
+
+def _lora_info(lora: LoraSpec, strength: float) -> dict[str, Any]:
+    return {"file": str(lora.path), "sha256": lora.sha256, "strength": float(strength), "rank": lora.rank,
+            "alpha": lora.alpha, "effective_scale": float(strength) * lora.scale,
+            "strength_meaning": "1.0 = the training scale alpha/rank; W += strength*alpha/rank*B*A",
+            "trigger_word": lora.meta.get("trigger_word")}
+
+
+def _kolors_root(cfg: Config) -> Path:
+    from kolors_lib.models import kolors_paths
+
+    return kolors_paths(cfg).root
+
+
+def render_storyboard(cfg: Config, story_path: str | Path | None = None, strength: float | None = None,
+                      lora_path: str | Path | None = None, progress: bool = True) -> StoryboardResult:
+    """Render the story's 8 panels with Kolors + LoRA; write panels, storyboard.png and manifest.json."""
+    from tqdm.auto import tqdm
+
+    start = time.monotonic()
+    story = load_story(story_path or cfg.generate.story)  # before any model is loaded
+    settings = render_settings(cfg, story)
+    strength = float(cfg.generate.strength if strength is None else strength)
+    trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
+    prompts = [with_trigger(s.prompt, trigger) for s in story.scenes]
+    lora = read_lora(lora_path or default_lora_path(cfg), cfg)
+    device = resolve_device(cfg.device)
+    out = cfg.storyboard_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # never leave a manifest describing other panels
+
+    renderer = KolorsRenderer(_kolors_root(cfg), device, offload_text_encoder=cfg.generate.offload_text_encoder)
+    LoraMerger(renderer.unet, lora).set(strength)  # raises LoraMismatchError before any encoding
+    renderer.encode(prompts, [settings.negative])
+    panels = []
+    bar = tqdm(list(zip(story.scenes, prompts, strict=True)), desc="panels", unit="panel", disable=not progress)
+    for number, (scene, prompt) in enumerate(bar, start=1):
+        image = renderer.render(prompt, settings.negative, scene.seed, settings.steps, settings.cfg_scale,
+                                settings.width, settings.height)
+        panels.append(save_png(image, out / f"panel_{number:02d}.png"))
+
+    font = find_cjk_font(story.title + "".join(s.scene for s in story.scenes))
+    title = story.title if font is not None or story.title.isascii() else (story.path.stem if story.path else "")
+    grid = save_figure(grid_figure(panels, panel_captions(story.scenes, font), title=title, font=font),
+                       out / GRID_NAME)
+    shared = {"negative": settings.negative, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
+              "width": settings.width, "height": settings.height}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "title": story.title,
+        "story_file": str(story.path),
+        "story_sha256": sha256_file(story.path) if story.path else None,
+        "base_model": _base_model_info(cfg, renderer.root),
+        "lora": _lora_info(lora, strength),
+        "pipeline": "diffsynth.SDXLImagePipeline (Kolors: ChatGLM3 text encoder)",
+        "scheduler": renderer.scheduler_info,
+        "clip_skip": 1, "clip_skip_2": 2,
+        "device": device, "dtype": _dtype_name(renderer.dtype),
+        "offload_text_encoder": cfg.generate.offload_text_encoder,
+        "trigger_word": trigger or None,
+        "versions": {"diffsynth": _version("diffsynth"), "torch": torch.__version__,
+                     "transformers": _version("transformers")},
+        **shared,
+        "panels": [{"index": i, "file": p.name, "scene": s.scene, "prompt": prompt, "story_prompt": s.prompt,
+                    "seed": s.seed, **shared, "sha256": sha256_file(p)}
+                   for i, (p, s, prompt) in enumerate(zip(panels, story.scenes, prompts, strict=True))],
+        "grid": grid.name,
+        "peak_memory_bytes": renderer.peak_memory,
+    }
+    manifest_path = write_json(manifest, out / MANIFEST_NAME)
+    return StoryboardResult(out, panels, grid, manifest_path, prompts, strength, time.monotonic() - start,
+                            dict(renderer.peak_memory), font)
+
+
+def reproduce(manifest_path: str | Path, index: int, out_path: str | Path | None = None,
+              device: str | None = None) -> Image.Image:
+    """Re-render panel `index` (0-based: 0 is panel_01.png) from a manifest alone; returns the image.
+
+    The base model folder and LoRA file named in the manifest are used; a LoRA whose sha256 changed
+    raises. Same device and dtype as recorded give the same pixels.
+    """
+    manifest_path = Path(manifest_path)
+    data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    panels = data["panels"]
+    if not 0 <= index < len(panels):
+        raise IndexError(f"{manifest_path}: panel index {index} out of range 0..{len(panels) - 1}")
+    panel = panels[index]
+    info = data["lora"]
+    lora = read_lora(info["file"], alpha=info["alpha"])
+    if lora.sha256 != info["sha256"]:
+        raise ValueError(f"{lora.path} changed since {manifest_path} was written (sha256 differs)")
+    device = resolve_device(device or data["device"])
+    dtype = getattr(torch, data["dtype"]) if device == data["device"] else default_dtype(device)
+    renderer = KolorsRenderer(Path(data["base_model"]["folder"]), device, dtype,
+                              offload_text_encoder=data.get("offload_text_encoder", True))
+    LoraMerger(renderer.unet, lora).set(info["strength"])
+    renderer.encode([panel["prompt"]], [panel["negative"]])
+    image = renderer.render(panel["prompt"], panel["negative"], panel["seed"], panel["steps"], panel["cfg_scale"],
+                            panel["width"], panel["height"])
+    if out_path is not None:
+        save_png(image, Path(out_path))
+    return image
+
+
+def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float] | None = None,
+                   story_path: str | Path | None = None, lora_path: str | Path | None = None,
+                   progress: bool = True) -> Path:
+    """One scene (0-based index) at several LoRA strengths (0 = base model) -> sweep.png; returns its path.
+
+    The single images are kept in storyboard_dir/sweep/ (scene01_s0.50.png ...) with sweep.json.
+    """
+    from tqdm.auto import tqdm
+
+    story = load_story(story_path or cfg.generate.story)
+    if not 0 <= scene_index < len(story.scenes):
+        raise StoryError(f"{story.path}: scene index {scene_index} out of range 0..{len(story.scenes) - 1}")
+    settings = render_settings(cfg, story)
+    strengths = [float(s) for s in (cfg.generate.sweep_strengths if strengths is None else strengths)]
+    if not strengths:
+        raise ValueError("strength_sweep needs at least one strength")
+    scene = story.scenes[scene_index]
+    trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
+    prompt = with_trigger(scene.prompt, trigger)
+    lora = read_lora(lora_path or default_lora_path(cfg), cfg)
+    device = resolve_device(cfg.device)
+    renderer = KolorsRenderer(_kolors_root(cfg), device, offload_text_encoder=cfg.generate.offload_text_encoder)
+    merger = LoraMerger(renderer.unet, lora, keep_base=len(strengths) > 1)
+    renderer.encode([prompt], [settings.negative])
+    folder = cfg.storyboard_dir / "sweep"
+    files = []
+    for s in tqdm(strengths, desc="strengths", disable=not progress):
+        merger.set(s)
+        image = renderer.render(prompt, settings.negative, scene.seed, settings.steps, settings.cfg_scale,
+                                settings.width, settings.height)
+        files.append(save_png(image, folder / f"scene{scene_index + 1:02d}_s{s:.2f}.png"))
+    captions = [("base (0)" if s == 0 else f"strength {s:g}") for s in strengths]
+    path = save_figure(grid_figure(files, captions, title=f"scene {scene_index + 1:02d} · seed {scene.seed}",
+                                   cols=len(files)), cfg.storyboard_dir / SWEEP_NAME)
+    write_json({"scene_index": scene_index, "prompt": prompt, "seed": scene.seed, **vars(settings),
+                "lora": _lora_info(lora, 1.0) | {"strength": None}, "strengths": strengths,
+                "files": [f.name for f in files], "base_model": _base_model_info(cfg, renderer.root),
+                "device": device, "dtype": _dtype_name(renderer.dtype)}, folder / "sweep.json")
+    return path
+
+
+# ---------------------------------------------------------------- img2img: draft small, refine large
+
+
+def _round_size(value: int) -> int:
+    return max(SIZE_MULTIPLE, int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+
+
+def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.5, *, width: int | None = None,
+           height: int | None = None, seed: int | None = None, steps: int | None = None,
+           strength: float | None = None, lora_path: str | Path | None = None, negative: str | None = None,
+           cfg_scale: float | None = None, out_path: str | Path | None = None) -> Path:
+    """img2img: re-render `image_path` (a small draft, or any picture to restyle) with Kolors + LoRA.
+
+    The picture is resized to width x height (default: its own size rounded to multiples of 64),
+    VAE-encoded, noised to `denoise` (0 keeps it, 1 ignores it) and denoised by the stock pipeline
+    (`input_image` + `denoising_strength`). Returns the written PNG (default
+    storyboard_dir/refined/<name>_refined.png).
+    """
+    from PIL import Image, ImageOps
+
+    if not 0.0 <= float(denoise) <= 1.0:
+        raise ValueError(f"denoise must be in [0, 1], not {denoise!r}")
+    image_path = Path(image_path)
+    if not image_path.is_file():
+        raise FileNotFoundError(f"image not found: {image_path}")
+    story = load_story(cfg.generate.story)
+    settings = render_settings(cfg, story)
+    with Image.open(image_path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+    width = _round_size(width or img.width)
+    height = _round_size(height or img.height)
+    if (width, height) != img.size:
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
+    prompt = with_trigger(prompt.strip(), trigger)
+    negative = settings.negative if negative is None else negative
+    lora = read_lora(lora_path or default_lora_path(cfg), cfg)
+    strength = float(cfg.generate.strength if strength is None else strength)
+    device = resolve_device(cfg.device)
+    renderer = KolorsRenderer(_kolors_root(cfg), device, offload_text_encoder=cfg.generate.offload_text_encoder)
+    LoraMerger(renderer.unet, lora).set(strength)
+    renderer.encode([prompt], [negative])
+    result = renderer.render(prompt, negative, cfg.seed if seed is None else seed, steps or settings.steps,
+                             settings.cfg_scale if cfg_scale is None else cfg_scale, width, height,
+                             input_image=img, denoising_strength=float(denoise))
+    out = Path(out_path) if out_path else cfg.storyboard_dir / "refined" / f"{image_path.stem}_refined.png"
+    return save_png(result, out)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `storyboard` (step 04)."""
+    from kolors_lib.config import PROFILES
+
+    parser = parser or argparse.ArgumentParser(prog="python -m kolors_lib storyboard",
+                                               description="step 04: render the 8-panel storyboard")
+    parser.add_argument("--workdir", type=Path, default=None, help="work dir (default: from the config)")
+    parser.add_argument("--config", type=Path, default=None, help="course config YAML (default: configs/default.yaml)")
+    parser.add_argument("--profile", choices=PROFILES, default="auto", help="full, tiny or auto (default)")
+    parser.add_argument("--story", type=Path, default=None, help="story YAML (default: generate.story)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="LoRA strength, 1.0 = training scale alpha/rank (default: generate.strength)")
+    parser.add_argument("--lora", type=Path, default=None,
+                        help="LoRA .safetensors (default: <workdir>/lora/kolors_lora.safetensors)")
+    parser.add_argument("--sweep", action="store_true", help="also render scene 1 at generate.sweep_strengths")
+    return parser
+
+
+def main_storyboard(argv: Sequence[str] | None = None) -> int:
+    """`storyboard` entry point: 0 on success; `error: ...` and 2 for a bad story, LoRA or config."""
+    return run_storyboard(build_storyboard_parser().parse_args(argv))
+
+
+def run_storyboard(args: argparse.Namespace) -> int:
+    """Run step 04 from parsed arguments."""
+    from kolors_lib.config import load_config
+    from kolors_lib.export import LoraError
+    from kolors_lib.models import ModelUnavailableError
+
+    try:
+        cfg = load_config(args.config, profile=args.profile, workdir=args.workdir)
+        result = render_storyboard(cfg, args.story, args.strength, args.lora)
+        print(f"storyboard: {result.grid}")
+        print(f"manifest: {result.manifest}")
+        if args.sweep:
+            print(f"sweep: {strength_sweep(cfg, 0, story_path=args.story, lora_path=args.lora)}")
+    except (StoryError, LoraError, LoraNotFoundError, ConfigError, ModelUnavailableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["KolorsRenderer", "LoraMerger", "LoraNotFoundError", "Scene", "Story", "StoryError", "StoryboardResult",
+           "find_cjk_font", "load_story", "main_storyboard", "read_lora", "refine", "render_storyboard",
+           "reproduce", "run_storyboard", "strength_sweep", "with_trigger"]

@@ -1,0 +1,352 @@
+"""Step 04: story validation, the two-phase (offloaded ChatGLM) render == DiffSynth's stock pipeline call,
+manifest reproduction, strength sweep, img2img refine and the CLI, on the tiny Kolors (64², 2 steps)."""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from kolors_lib import generation as G
+from kolors_lib.compat import patch_torchvision
+from kolors_lib.config import CONFIG_DIR, load_config
+from kolors_lib.export import LoraMismatchError, load_lora, merge_lora, save_lora
+from kolors_lib.models import KolorsPaths, load_kolors, load_model_manager
+from kolors_lib.tiny import write_tiny_kolors
+
+patch_torchvision()
+
+RANK, ALPHA = 4, 4.0
+TRIGGER = "kstory"
+SIZE, STEPS = 64, 2
+TARGETS = ("to_q", "to_k", "to_v", "to_out")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """2 shared cores: torch's 2 OpenMP threads stall badly when another process holds a core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def kolors_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_kolors(tmp_path_factory.mktemp("models"), seed=0)["kolors"]
+
+
+def make_cfg(workdir: Path, kolors_root: Path, **generate):
+    overrides = {"models": {"kolors": {"local_dir": str(kolors_root)}}, "filter": {"trigger_word": TRIGGER},
+                 "generate": {"steps": STEPS, "width": SIZE, "height": SIZE, **generate}}
+    return load_config(profile="tiny", workdir=workdir, overrides=overrides)
+
+
+def random_lora(kolors_root: Path, seed: int = 1, std: float = 0.3) -> dict[str, torch.Tensor]:
+    """A LoRA on to_q/k/v/out of the tiny UNet in DiffSynth (peft) naming, random A and B."""
+    unet = load_model_manager([KolorsPaths.from_root(kolors_root).unet]).fetch_model("sdxl_unet")
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, weight in unet.state_dict().items():
+        module = key.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in TARGETS and weight.ndim == 2:
+            state[f"{module}.lora_A.default.weight"] = torch.randn(RANK, weight.shape[1], generator=gen) * std
+            state[f"{module}.lora_B.default.weight"] = torch.randn(weight.shape[0], RANK, generator=gen) * std
+    return state
+
+
+@pytest.fixture(scope="module")
+def lora_file(kolors_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("lora") / "kolors_lora.safetensors"
+    return save_lora(random_lora(kolors_root), path, {"rank": RANK, "alpha": ALPHA, "trigger_word": TRIGGER})
+
+
+def write_story(path: Path, change=None) -> Path:
+    data = yaml.safe_load((CONFIG_DIR / "story.yaml").read_text(encoding="utf-8"))
+    if change:
+        change(data)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def pixels(image) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as img:
+            return np.asarray(img.convert("RGB")).copy()
+    return np.asarray(image.convert("RGB")).copy()
+
+
+# ---------------------------------------------------------------- story files
+
+
+def test_the_course_story_file_is_valid() -> None:
+    story = G.load_story(CONFIG_DIR / "story.yaml")
+    assert len(story.scenes) == 8 and [s.seed for s in story.scenes] == list(range(1, 9))
+    assert (story.steps, story.width, story.height, story.cfg_scale) == (50, 1024, 1024, 4.0)
+    assert story.scenes[0].scene == "女主正在上课" and story.negative.startswith("现代风格")
+
+
+BAD_STORIES = {
+    "seven_scenes": (lambda d: d["scenes"].pop(), r"exactly 8 scenes, found 7"),
+    "empty_prompt": (lambda d: d["scenes"][2].update(prompt="  "), r"scene 3: prompt is empty"),
+    "unknown_key": (lambda d: d.update(colour="red"), r"unknown key\(s\) colour"),
+    "unknown_scene_key": (lambda d: d["scenes"][4].update(negtive="x"), r"scene 5: unknown key\(s\) negtive"),
+    "seed_not_int": (lambda d: d["scenes"][1].update(seed="2"), r"scene 2: seed must be an integer"),
+    "size": (lambda d: d.update(width=1000), r"width must be a positive multiple of 64"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STORIES))
+def test_bad_stories_fail_before_any_model_loads(case: str, tmp_path: Path, kolors_root: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    change, message = BAD_STORIES[case]
+    story = write_story(tmp_path / "story.yaml", change)
+    loads = []
+    monkeypatch.setattr(G, "KolorsRenderer", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    monkeypatch.setattr(G, "read_lora", lambda *a, **k: loads.append(a) or pytest.fail("LoRA read"))
+    cfg = make_cfg(tmp_path / "w", kolors_root)
+    start = time.monotonic()
+    with pytest.raises(G.StoryError, match=message) as err:
+        G.render_storyboard(cfg, story)
+    assert time.monotonic() - start < 2 and not loads
+    assert str(story) in str(err.value)
+
+
+def test_story_errors_list_every_problem(tmp_path: Path) -> None:
+    def change(d: dict) -> None:
+        d["scenes"] = d["scenes"][:7]
+        d["scenes"][0]["prompt"] = ""
+
+    with pytest.raises(G.StoryError, match=r"found 7.*scene 1: prompt is empty"):
+        G.load_story(write_story(tmp_path / "s.yaml", change))
+    (tmp_path / "broken.yaml").write_text("scenes: [a, b\n", encoding="utf-8")
+    with pytest.raises(G.StoryError, match="broken.yaml: not valid YAML"):
+        G.load_story(tmp_path / "broken.yaml")
+    with pytest.raises(G.StoryError, match="not found"):
+        G.load_story(tmp_path / "none.yaml")
+
+
+def test_trigger_word_is_prepended_once() -> None:
+    assert G.with_trigger("古风，水墨画", "kstory") == "kstory, 古风，水墨画"
+    assert G.with_trigger("kstory, 古风", "kstory") == "kstory, 古风"
+    assert G.with_trigger("古风", "") == "古风"
+
+
+def test_captions_never_draw_tofu() -> None:
+    story = G.load_story(CONFIG_DIR / "story.yaml")
+    font = G.find_cjk_font("".join(s.scene for s in story.scenes))
+    captions = G.panel_captions(story.scenes, font)
+    if font is None:  # no CJK font installed: ASCII captions
+        assert captions[0] == "01 · seed 1" and all(c.replace("·", "").isascii() for c in captions)
+    else:
+        from matplotlib import ft2font
+
+        face = ft2font.FT2Font(str(font))
+        assert "Last Resort" not in face.family_name and all(face.get_char_index(ord(c)) for c in "女主正在上课")
+        assert captions[0] == "01 女主正在上课"
+    assert G.panel_captions(story.scenes, Path("any.ttf"))[1] == "02 开始睡着了"
+
+
+# ---------------------------------------------------------------- LoRA problems, before any denoising
+
+
+def test_missing_lora_says_to_run_step_03(tmp_path: Path, kolors_root: Path, capsys) -> None:
+    cfg = make_cfg(tmp_path / "w", kolors_root)
+    with pytest.raises(G.LoraNotFoundError, match=r"python -m kolors_lib train"):
+        G.render_storyboard(cfg)
+    code = G.main_storyboard(["--profile", "tiny", "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: LoRA file not found") and err.count("\n") == 1
+
+
+def test_a_lora_that_does_not_fit_fails_before_encoding(tmp_path: Path, kolors_root: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    state = random_lora(kolors_root)
+    bad = "blocks.10.transformer_blocks.0.attn2.to_k.lora_A.default.weight"
+    state[bad] = torch.zeros(RANK, state[bad].shape[1] + 3)
+    path = save_lora(state, tmp_path / "bad.safetensors", {"rank": RANK, "alpha": ALPHA})
+    encoded = []
+    monkeypatch.setattr(G.KolorsRenderer, "encode", lambda *a, **k: encoded.append(a))
+    cfg = make_cfg(tmp_path / "w", kolors_root)
+    with pytest.raises(LoraMismatchError, match=r"blocks\.10\.transformer_blocks\.0\.attn2\.to_k"):
+        G.render_storyboard(cfg, lora_path=path)
+    assert not encoded and not (cfg.storyboard_dir / "panel_01.png").exists()
+    code = G.main_storyboard(["--profile", "tiny", "--workdir", str(tmp_path / "w"), "--lora", str(path)])
+    assert code == 2 and capsys.readouterr().err.startswith("error: LoRA does not fit the UNet")
+
+
+# ---------------------------------------------------------------- the storyboard
+
+
+@pytest.fixture(scope="module")
+def board(kolors_root: Path, lora_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    """render_storyboard at strength 1, recording the order of ChatGLM and UNet calls."""
+    import diffsynth.pipelines.sdxl_image as sdxl_image
+    from diffsynth.models.kolors_text_encoder import ChatGLMModel
+
+    events: list[tuple[str, bool]] = []
+    encoders: list[weakref.ref] = []
+    forward, dance = ChatGLMModel.forward, sdxl_image.lets_dance_xl
+
+    def te_forward(self, *args, **kwargs):
+        encoders.append(weakref.ref(self))
+        events.append(("text", True))
+        return forward(self, *args, **kwargs)
+
+    def unet_call(*args, **kwargs):
+        events.append(("unet", all(ref() is None for ref in encoders)))  # ChatGLM freed by now?
+        return dance(*args, **kwargs)
+
+    cfg = make_cfg(tmp_path_factory.mktemp("board"), kolors_root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ChatGLMModel, "forward", te_forward)
+        mp.setattr(sdxl_image, "lets_dance_xl", unet_call)
+        result = G.render_storyboard(cfg, lora_path=lora_file, progress=False)
+    return cfg, result, events
+
+
+def test_storyboard_files_and_manifest(board) -> None:
+    cfg, result, _ = board
+    names = sorted(p.name for p in cfg.storyboard_dir.iterdir())
+    assert names == sorted([*(f"panel_{i:02d}.png" for i in range(1, 9)), "manifest.json", "storyboard.png"])
+    assert all(Image.open(p).size == (SIZE, SIZE) for p in result.panels)
+    assert Image.open(result.grid).size[0] > 4 * SIZE
+    assert len(result.figure().axes) == 8 and result.prompts[0].startswith(TRIGGER)
+    data = json.loads(result.manifest.read_text(encoding="utf-8"))
+    panel = data["panels"][2]
+    assert panel["prompt"] == "kstory, " + panel["story_prompt"] and panel["seed"] == 3
+    assert (panel["steps"], panel["width"], panel["height"], panel["cfg_scale"]) == (STEPS, SIZE, SIZE, 4.0)
+    assert panel["negative"] == data["negative"] != ""
+    assert data["scheduler"]["name"] == "EnhancedDDIMScheduler" and data["scheduler"]["num_train_timesteps"] == 1100
+    lora = data["lora"]
+    assert (lora["strength"], lora["rank"], lora["alpha"], lora["effective_scale"]) == (1.0, RANK, ALPHA, 1.0)
+    assert lora["sha256"] == G.sha256_file(lora["file"])
+    assert data["base_model"]["folder"].endswith("Kolors") and data["versions"]["diffsynth"] == "1.1.9"
+    assert data["dtype"] == "float32" and data["device"] == "cpu"
+
+
+def test_all_prompts_are_encoded_before_denoising_and_chatglm_is_freed(board) -> None:
+    _, _, events = board
+    kinds = [kind for kind, _ in events]
+    first_unet = kinds.index("unet")
+    assert kinds[:first_unet] == ["text"] * 9, "8 prompts + 1 negative, each once, all first"
+    assert "text" not in kinds[first_unet:]
+    assert len(kinds) - first_unet == 8 * STEPS * 2  # 8 panels x steps x (cond, uncond)
+    assert all(freed for kind, freed in events if kind == "unet"), "ChatGLM still alive while denoising"
+
+
+@pytest.fixture(scope="module")
+def stock(kolors_root: Path, lora_file: Path, board):
+    """DiffSynth's stock pipeline call (ChatGLM inside), base model then the same LoRA merged at 1.0."""
+    from diffsynth import SDXLImagePipeline
+
+    _, result, _ = board
+    data = json.loads(result.manifest.read_text(encoding="utf-8"))
+    pipe = SDXLImagePipeline.from_model_manager(load_kolors(KolorsPaths.from_root(kolors_root)))
+
+    def call(i: int) -> np.ndarray:
+        p = data["panels"][i]
+        return pixels(pipe(p["prompt"], negative_prompt=p["negative"], cfg_scale=p["cfg_scale"], height=p["height"],
+                           width=p["width"], num_inference_steps=p["steps"], seed=p["seed"]))
+
+    base = {i: call(i) for i in (0, 5)}
+    state, meta = load_lora(lora_file)
+    merge_lora(pipe.unet, state, 1.0, meta=meta)
+    return base, {i: call(i) for i in (0, 5)}
+
+
+def test_offloaded_render_equals_the_stock_pipeline_call(board, stock) -> None:
+    _, result, _ = board
+    base, with_lora = stock
+    for i in (0, 5):
+        assert np.array_equal(pixels(result.panels[i]), with_lora[i]), f"panel {i + 1} differs from stock"
+        assert not np.array_equal(with_lora[i], base[i]), "the LoRA changed nothing"
+
+
+def test_manifest_reproduces_a_panel(board, tmp_path: Path) -> None:
+    _, result, _ = board
+    image = G.reproduce(result.manifest, 4, out_path=tmp_path / "again.png")
+    assert np.array_equal(pixels(image), pixels(result.panels[4]))
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(result.panels[4]))
+    with pytest.raises(IndexError):
+        G.reproduce(result.manifest, 8)
+
+
+def test_strength_sweep_base_and_lora(board, stock, lora_file: Path) -> None:
+    cfg, result, _ = board
+    path = G.strength_sweep(cfg, 0, [0.0, 0.5, 1.0], lora_path=lora_file, progress=False)
+    assert path == cfg.storyboard_dir / "sweep.png" and Image.open(path).size[0] > 3 * SIZE
+    folder = cfg.storyboard_dir / "sweep"
+    s0, s05, s1 = (pixels(folder / f"scene01_s{s:.2f}.png") for s in (0.0, 0.5, 1.0))
+    assert np.array_equal(s0, stock[0][0]), "strength 0 must be the base model"
+    assert np.array_equal(s1, pixels(result.panels[0])), "strength 1 must be the storyboard's panel"
+    assert not np.array_equal(s05, s0) and not np.array_equal(s05, s1)
+
+
+# ---------------------------------------------------------------- img2img
+
+
+def _picture(width: int, height: int) -> Image.Image:
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.stack([xx * 255 // width, yy * 255 // height, ((xx // 8 + yy // 8) % 2) * 255], -1)
+    return Image.fromarray(img.astype("uint8"))
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
+
+
+def test_refine_keeps_the_picture_at_denoise_0_and_sizes_right(tmp_path: Path, kolors_root: Path, lora_file: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a random VAE, pixels say nothing about structure: compare the latents the VAE sees instead."""
+    from diffsynth import SDXLImagePipeline as Pipe
+
+    encoded, decoded = [], []
+    enc, dec = Pipe.encode_image, Pipe.decode_image
+    monkeypatch.setattr(Pipe, "encode_image", lambda s, x, **k: encoded.append(enc(s, x, **k)) or encoded[-1])
+    monkeypatch.setattr(Pipe, "decode_image", lambda s, z, **k: decoded.append(z.clone()) or dec(s, z, **k))
+    cfg = make_cfg(tmp_path / "w", kolors_root)
+    src = tmp_path / "draft.png"
+    _picture(SIZE, SIZE).save(src)
+    for denoise in (0.0, 1.0):
+        out = G.refine(cfg, src, "水墨画", denoise=denoise, lora_path=lora_file, seed=3, out_path=tmp_path / "r.png")
+        assert out == tmp_path / "r.png" and Image.open(out).size == (SIZE, SIZE)
+    # denoise 0: the final latent is the picture's own latent (plus t=0 noise); denoise 1: unrelated
+    assert torch.equal(encoded[0], encoded[1])
+    assert _corr(decoded[0], encoded[0]) > 0.5 > abs(_corr(decoded[1], encoded[0]))
+    assert (decoded[0] - encoded[0]).abs().mean() < 0.1 * (decoded[1] - encoded[0]).abs().mean()
+    # draft small, refine large: a 40x48 draft becomes a 128x64 image
+    small = tmp_path / "small.png"
+    _picture(40, 48).save(small)
+    out = G.refine(cfg, small, "水墨画", denoise=0.6, width=128, height=64, lora_path=lora_file)
+    assert out == cfg.storyboard_dir / "refined" / "small_refined.png" and Image.open(out).size == (128, 64)
+    with pytest.raises(ValueError, match="denoise"):
+        G.refine(cfg, small, "x", denoise=1.5, lora_path=lora_file)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_renders_a_storyboard(tmp_path: Path, kolors_root: Path, lora_file: Path, capsys) -> None:
+    config = tmp_path / "course.yaml"
+    config.write_text(yaml.safe_dump({"profiles": {"tiny": {
+        "models": {"kolors": {"local_dir": str(kolors_root)}},
+        "generate": {"steps": 1, "width": SIZE, "height": SIZE}}}}), encoding="utf-8")
+    work = tmp_path / "w"
+    code = G.main_storyboard(["--config", str(config), "--profile", "tiny", "--workdir", str(work),
+                              "--lora", str(lora_file), "--strength", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((work / "storyboard" / "manifest.json").read_text(encoding="utf-8"))
+    assert data["lora"]["strength"] == 0.5 and data["steps"] == 1
+    assert "storyboard.png" in capsys.readouterr().out
+    bad = write_story(tmp_path / "bad.yaml", lambda d: d["scenes"].pop())
+    assert G.main_storyboard(["--config", str(config), "--profile", "tiny", "--workdir", str(work),
+                              "--story", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad}: expected exactly 8 scenes, found 7")

@@ -1,0 +1,30 @@
+"""Chinese scene names and captions are drawn with a real CJK font, never as tofu boxes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib import ft2font
+from PIL import Image
+
+from kolors_lib.data import show_images
+from kolors_lib.viz import find_cjk_font, register_bundled_cjk_font
+
+
+def test_bundled_font_draws_the_story_scene_names() -> None:
+    bundled = register_bundled_cjk_font()
+    assert bundled is not None and bundled.is_file()
+    font = find_cjk_font("女主正在上课，梦醒了")
+    assert font is not None
+    face = ft2font.FT2Font(str(font))
+    assert all(face.get_char_index(ord(c)) for c in "女主正在上课梦醒了")
+    assert find_cjk_font("plain ascii") is None
+
+
+def test_thumbnail_titles_use_the_cjk_font(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(path)
+    fig = show_images([path], ["一个女孩，水墨画"])
+    title = fig.axes[0].title
+    assert title.get_text() == "一个女孩，水墨画"
+    assert Path(title.get_fontproperties().get_file()) == find_cjk_font("一个女孩")
