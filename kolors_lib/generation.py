@@ -310,6 +310,14 @@ def read_lora(path: str | Path, cfg: Config | None = None, alpha: float | None =
     return LoraSpec(path.resolve(), state, meta, rank, used_alpha, sha256_file(path))
 
 
+def check_lora_against(root: Path, lora: LoraSpec) -> None:
+    """Raise LoraMismatchError naming keys when `lora` does not fit the UNet in `root` (weights not loaded)."""
+    from kolors_lib.export import check_lora_fits, parse_lora
+    from kolors_lib.models import KolorsPaths, unet_skeleton
+
+    check_lora_fits(unet_skeleton(KolorsPaths.from_root(root).unet), parse_lora(lora.state_dict, lora.meta, lora.alpha))
+
+
 class LoraMerger:
     """Merges a LoRA into a UNet at a strength; `set(s)` again restores the base first (for sweeps)."""
 
@@ -382,7 +390,7 @@ class KolorsRenderer:
     def __init__(self, root: Path, device: str = "cpu", dtype: torch.dtype | None = None,
                  offload_text_encoder: bool = True) -> None:
         from kolors_lib.compat import patch_torchvision
-        from kolors_lib.models import KolorsPaths, load_kolors
+        from kolors_lib.models import KolorsPaths, load_model_manager
 
         patch_torchvision()
         from diffsynth import SDXLImagePipeline
@@ -391,16 +399,19 @@ class KolorsRenderer:
         self.device = device
         self.dtype = dtype or default_dtype(device)
         self.offload = offload_text_encoder
-        paths = KolorsPaths.from_root(self.root)
-        # offloading on a GPU: load on the CPU, each phase moves to the GPU only what it runs
-        load_device = "cpu" if offload_text_encoder and _cuda(device) else device
+        self.paths = KolorsPaths.from_root(self.root)
+        # offloading: phase 1 loads only ChatGLM and phase 2 only the UNet and VAE, so neither host
+        # RAM nor GPU memory ever holds both; on a GPU each phase loads on the CPU, then moves over
+        self.load_device = "cpu" if offload_text_encoder and _cuda(device) else device
+        files = [self.paths.text_encoder] if offload_text_encoder else [
+            self.paths.text_encoder, self.paths.unet, self.paths.vae]
         log = io.StringIO()
         with contextlib.redirect_stdout(log), _no_transformers_bars():  # DiffSynth prints lines per model
-            self.manager = load_kolors(paths, device=load_device, dtype=self.dtype)
+            self.manager = load_model_manager(files, device=self.load_device, dtype=self.dtype)
             self.pipe = SDXLImagePipeline.from_model_manager(self.manager, device=device)
         self.load_log = log.getvalue()
-        if self.pipe.text_encoder_kolors is None or self.pipe.unet is None:
-            raise RuntimeError(f"{self.root}: DiffSynth found no Kolors ChatGLM/UNet there")
+        if self.pipe.text_encoder_kolors is None:
+            raise RuntimeError(f"{self.root}: DiffSynth found no Kolors ChatGLM there")
         self.cache: dict[tuple[str, bool, int, int], dict[str, torch.Tensor]] = {}
         self.text_encoder_released = False
         self.peak_memory: dict[str, int | None] = {}
@@ -408,8 +419,24 @@ class KolorsRenderer:
 
     @property
     def unet(self) -> torch.nn.Module:
-        """DiffSynth's Kolors UNet (merge LoRAs here)."""
+        """DiffSynth's Kolors UNet (merge LoRAs here); loaded on first use when offloading."""
+        self._load_denoiser()
         return self.pipe.unet
+
+    def _load_denoiser(self) -> None:
+        """Phase 2 models (UNet + VAE) into the Kolors-mode pipeline that phase 1 built."""
+        if self.pipe.unet is not None:
+            return
+        from kolors_lib.models import load_model_manager
+
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            manager = load_model_manager([self.paths.unet, self.paths.vae], device=self.load_device, dtype=self.dtype)
+        self.load_log += log.getvalue()
+        for name in ("unet", "vae_decoder", "vae_encoder"):
+            setattr(self.pipe, name, manager.fetch_model(f"sdxl_{name}"))
+        if self.pipe.unet is None:
+            raise RuntimeError(f"{self.root}: DiffSynth found no Kolors UNet there")
 
     @property
     def scheduler_info(self) -> dict[str, Any]:
@@ -483,6 +510,7 @@ class KolorsRenderer:
         self._cached_prompt(negative, positive=False)
         if "denoise" not in self.peak_memory:
             _peak_reset(self.device)
+        self._load_denoiser()
         self._to_device(["unet", "vae_decoder"] + (["vae_encoder"] if input_image is not None else []))
         image = self.pipe(prompt, negative_prompt=negative, cfg_scale=cfg_scale, height=height, width=width,
                           num_inference_steps=steps, seed=seed, input_image=input_image,
@@ -604,9 +632,11 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # never leave a manifest describing other panels
 
-    renderer = KolorsRenderer(_kolors_root(cfg), device, offload_text_encoder=cfg.generate.offload_text_encoder)
-    LoraMerger(renderer.unet, lora).set(strength)  # raises LoraMismatchError before any encoding
+    root = _kolors_root(cfg)
+    check_lora_against(root, lora)  # a LoRA that does not fit fails before any model is loaded
+    renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
     renderer.encode(prompts, [settings.negative])
+    LoraMerger(renderer.unet, lora).set(strength)
     panels = []
     bar = tqdm(list(zip(story.scenes, prompts, strict=True)), desc="panels", unit="panel", disable=not progress)
     for number, (scene, prompt) in enumerate(bar, start=1):
@@ -668,8 +698,8 @@ def reproduce(manifest_path: str | Path, index: int, out_path: str | Path | None
     dtype = getattr(torch, data["dtype"]) if device == data["device"] else default_dtype(device)
     renderer = KolorsRenderer(Path(data["base_model"]["folder"]), device, dtype,
                               offload_text_encoder=data.get("offload_text_encoder", True))
-    LoraMerger(renderer.unet, lora).set(info["strength"])
     renderer.encode([panel["prompt"]], [panel["negative"]])
+    LoraMerger(renderer.unet, lora).set(info["strength"])
     image = renderer.render(panel["prompt"], panel["negative"], panel["seed"], panel["steps"], panel["cfg_scale"],
                             panel["width"], panel["height"])
     if out_path is not None:
@@ -698,9 +728,11 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
     prompt = with_trigger(scene.prompt, trigger)
     lora = read_lora(lora_path or default_lora_path(cfg), cfg)
     device = resolve_device(cfg.device)
-    renderer = KolorsRenderer(_kolors_root(cfg), device, offload_text_encoder=cfg.generate.offload_text_encoder)
-    merger = LoraMerger(renderer.unet, lora, keep_base=len(strengths) > 1)
+    root = _kolors_root(cfg)
+    check_lora_against(root, lora)
+    renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
     renderer.encode([prompt], [settings.negative])
+    merger = LoraMerger(renderer.unet, lora, keep_base=len(strengths) > 1)
     folder = cfg.storyboard_dir / "sweep"
     files = []
     for s in tqdm(strengths, desc="strengths", disable=not progress):
@@ -757,9 +789,11 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     lora = read_lora(lora_path or default_lora_path(cfg), cfg)
     strength = float(cfg.generate.strength if strength is None else strength)
     device = resolve_device(cfg.device)
-    renderer = KolorsRenderer(_kolors_root(cfg), device, offload_text_encoder=cfg.generate.offload_text_encoder)
-    LoraMerger(renderer.unet, lora).set(strength)
+    root = _kolors_root(cfg)
+    check_lora_against(root, lora)
+    renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
     renderer.encode([prompt], [negative])
+    LoraMerger(renderer.unet, lora).set(strength)
     result = renderer.render(prompt, negative, cfg.seed if seed is None else seed, steps or settings.steps,
                              settings.cfg_scale if cfg_scale is None else cfg_scale, width, height,
                              input_image=img, denoising_strength=float(denoise))

@@ -138,6 +138,19 @@ def register_sizes(manager: object, weight_files: list[Path]) -> None:
             detector.add_model_metadata(None, key_hash, names, classes, "diffusers")
 
 
+def unet_skeleton(unet_weights: Path) -> torch.nn.Module:
+    """The UNet that `unet_weights` will load into, built on the meta device (no memory, no weights)."""
+    patch_torchvision()
+    from diffsynth.models.sdxl_unet import SDXLUNet
+
+    from kolors_lib.tiny import KOLORS_UNET_CONFIG, sized_class
+
+    cfg = _read_config(Path(unet_weights)) or KOLORS_UNET_CONFIG
+    sized = cfg.get("block_out_channels") != KOLORS_UNET_CONFIG["block_out_channels"]
+    with torch.device("meta"):
+        return sized_class("unet", cfg)() if sized else SDXLUNet(is_kolors=True)
+
+
 def load_model_manager(files: list[Path], device: str = "cpu", dtype: torch.dtype = torch.float32) -> object:
     """A DiffSynth ModelManager with `files` loaded: the one loading path for real and tiny models."""
     patch_torchvision()

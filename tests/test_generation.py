@@ -172,11 +172,16 @@ def test_a_lora_that_does_not_fit_fails_before_encoding(tmp_path: Path, kolors_r
     bad = "blocks.10.transformer_blocks.0.attn2.to_k.lora_A.default.weight"
     state[bad] = torch.zeros(RANK, state[bad].shape[1] + 3)
     path = save_lora(state, tmp_path / "bad.safetensors", {"rank": RANK, "alpha": ALPHA})
-    encoded = []
+    encoded, loaded = [], []
     monkeypatch.setattr(G.KolorsRenderer, "encode", lambda *a, **k: encoded.append(a))
+    import kolors_lib.models as models
+
+    real_load = models.load_model_manager
+    monkeypatch.setattr(models, "load_model_manager", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
     cfg = make_cfg(tmp_path / "w", kolors_root)
     with pytest.raises(LoraMismatchError, match=r"blocks\.10\.transformer_blocks\.0\.attn2\.to_k"):
         G.render_storyboard(cfg, lora_path=path)
+    assert not loaded, "the LoRA is checked against a weightless UNet before any model loads"
     assert not encoded and not (cfg.storyboard_dir / "panel_01.png").exists()
     code = G.main_storyboard(["--profile", "tiny", "--workdir", str(tmp_path / "w"), "--lora", str(path)])
     assert code == 2 and capsys.readouterr().err.startswith("error: LoRA does not fit the UNet")
@@ -240,6 +245,16 @@ def test_all_prompts_are_encoded_before_denoising_and_chatglm_is_freed(board) ->
     assert "text" not in kinds[first_unet:]
     assert len(kinds) - first_unet == 8 * STEPS * 2  # 8 panels x steps x (cond, uncond)
     assert all(freed for kind, freed in events if kind == "unet"), "ChatGLM still alive while denoising"
+
+
+def test_phases_never_hold_chatglm_and_the_unet_together(kolors_root: Path) -> None:
+    renderer = G.KolorsRenderer(kolors_root, "cpu", offload_text_encoder=True)
+    assert renderer.pipe.text_encoder_kolors is not None and renderer.pipe.unet is None
+    renderer.encode(["kstory, 山水"], [""])
+    assert renderer.text_encoder_released and renderer.pipe.text_encoder_kolors is None
+    assert renderer.unet is not None and renderer.pipe.vae_decoder is not None  # phase 2 loads now
+    resident = G.KolorsRenderer(kolors_root, "cpu", offload_text_encoder=False)
+    assert resident.pipe.text_encoder_kolors is not None and resident.pipe.unet is not None
 
 
 @pytest.fixture(scope="module")
