@@ -43,11 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kolors_lib.export import build_export_parser
     from kolors_lib.generation import build_storyboard_parser
+    from kolors_lib.publish import build_publish_parser
     from kolors_lib.training import build_train_parser
 
     build_train_parser(sub.add_parser("train", help="step 03: train the Kolors LoRA (cached text + latents)"))
     from kolors_lib.scoring import build_score_parser
 
+    build_publish_parser(sub.add_parser(
+        "publish", help="step 06: assemble the model page and upload it to ModelScope (--dry-run shows the plan)"))
     build_storyboard_parser(sub.add_parser(
         "storyboard", help="step 04: render the 8-panel story with the LoRA (grid + reproducible manifest)"))
     build_score_parser(sub.add_parser(
@@ -83,6 +86,10 @@ def _run(args: argparse.Namespace) -> int:
         from kolors_lib.training import run_train
 
         return run_train(args)
+    if args.command == "publish":
+        from kolors_lib.publish import run_publish
+
+        return run_publish(args)
     if args.command == "storyboard":
         from kolors_lib.generation import run_storyboard
 

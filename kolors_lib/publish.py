@@ -1,0 +1,645 @@
+"""Step 06: assemble the model repo folder (LoRA in 3 namings, model card, samples) and publish it to ModelScope.
+
+* :func:`assemble` builds ``<workdir>/publish`` from the outputs of steps 03-05, atomically (a temp
+  folder swapped in), byte-identical on a re-run; the sources are only read. The diffusers and kohya
+  files are always re-exported from ``lora/kolors_lora.safetensors``, so they can never be stale.
+  ``manifest.json`` is the storyboard manifest with local paths replaced by repo paths.
+* :func:`plan` lists what an upload sends (repo path, size); :func:`publish` is a **dry run by
+  default**: it assembles and reports the plan, and sends nothing.
+* A real upload (``dry_run=False``) reads the token from the environment variable
+  ``MODELSCOPE_API_TOKEN`` (the ``token`` argument exists for library callers only; the CLI and the
+  notebook never take a token as an argument). The token is never printed, logged, or put in an
+  exception message. Like ``modelscope login``, the modelscope client stores its session under
+  ``~/.modelscope/credentials`` (``$MODELSCOPE_HOME``). The upload uses ``use_cache=False``, so a
+  re-upload after a change is never skipped and the publish folder gets no ``.ms_upload_cache``.
+  A failed upload leaves every local file as it was; running the same command again retries.
+* CLI: ``python -m kolors_lib publish --workdir W --repo-id OWNER/NAME [--dry-run] [--private]``.
+  On the command line, leaving out ``--dry-run`` means "upload": it then needs
+  ``MODELSCOPE_API_TOKEN`` and exits 2 with an explanation when it is not set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kolors_lib.config import PROFILES, Config, ConfigError, load_config
+
+TOKEN_ENV = "MODELSCOPE_API_TOKEN"
+TOKEN_PAGE = "https://modelscope.cn/my/myaccesstoken"
+LORA_NAME = "kolors_lora.safetensors"
+EXPORTS = {"diffusers": "kolors_lora.diffusers.safetensors", "kohya": "kolors_lora.kohya.safetensors"}
+PANELS = 8
+BASE_MODEL = "Kwai-Kolors/Kolors"
+LICENSE = "Apache License 2.0"
+TASK = "text-to-image-synthesis"
+NAME_HINT = "队伍名称-可图Kolors训练-xxx"
+# files the modelscope client never uploads (its DEFAULT_IGNORE_PATTERNS and its own cache files)
+_IGNORED_NAMES = {".ms_upload_cache", ".ms_upload_progress"}
+_IGNORED_DIRS = {".git", ".cache"}
+_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_NAME = re.compile(r"[^\W_][\w.-]{0,127}")
+
+
+class PublishError(ValueError):
+    """Something that stops assembling or publishing, with what to do about it."""
+
+
+# ---------------------------------------------------------------- repo id
+
+
+def validate_repo_id(repo_id: str) -> str:
+    """Return `repo_id` (stripped) if it is `OWNER/NAME`, else raise PublishError with the naming hint."""
+    text = (repo_id or "").strip()
+    owner, sep, name = text.partition("/")
+    if not sep or not _OWNER.fullmatch(owner) or not _NAME.fullmatch(name) or name.endswith("."):
+        raise PublishError(
+            f"repo id {repo_id!r} is not OWNER/NAME: OWNER is your ModelScope user name (or an organisation), NAME "
+            f"has letters, digits, CJK, '-', '_' or '.', no spaces or slashes; the challenge asks for names like "
+            f"your-user/{NAME_HINT}")
+    return text
+
+
+def model_url(repo_id: str) -> str:
+    """The model page of `repo_id` on the hub ($MODELSCOPE_ENDPOINT or modelscope.cn)."""
+    from kolors_lib.hub import hub_endpoint
+
+    return f"{hub_endpoint().rstrip('/')}/models/{repo_id}"
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class _Inputs:
+    lora: Path
+    panels: list[Path]
+    grid: Path
+    manifest: dict[str, Any]
+    scores: dict[str, Any]
+
+
+def _read_json(path: Path, step: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PublishError(f"{path}: cannot read it ({err}); re-run {step}") from None
+    if not isinstance(data, dict):
+        raise PublishError(f"{path}: expected a JSON object; re-run {step}")
+    return data
+
+
+def _check_inputs(cfg: Config) -> _Inputs:
+    from kolors_lib.generation import sha256_file
+
+    step3 = f"step 03 (python -m kolors_lib train --workdir {cfg.workdir})"
+    step4 = f"step 04 (python -m kolors_lib storyboard --workdir {cfg.workdir})"
+    step5 = f"step 05 (python -m kolors_lib score --workdir {cfg.workdir})"
+    lora = cfg.lora_dir / LORA_NAME
+    if not lora.is_file():
+        raise PublishError(f"the trained LoRA {lora} is missing: run {step3} first")
+    story = cfg.storyboard_dir
+    panels = [story / f"panel_{i:02d}.png" for i in range(1, PANELS + 1)]
+    grid, manifest_path = story / "storyboard.png", story / "manifest.json"
+    missing = [p.name for p in [*panels, grid, manifest_path] if not p.is_file()]
+    if missing:
+        raise PublishError(f"storyboard files missing in {story}: {', '.join(missing)}; run {step4} first")
+    manifest = _read_json(manifest_path, step4)
+    rows = manifest.get("panels")
+    if not isinstance(rows, list) or len(rows) != PANELS or not all(
+            isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
+        raise PublishError(f"{manifest_path}: expected {PANELS} panels with prompts; re-run {step4}")
+    recorded = (manifest.get("lora") or {}).get("sha256")
+    if recorded and recorded != sha256_file(lora):
+        raise PublishError(f"the storyboard in {story} was rendered with another LoRA than {lora} (sha256 differs): "
+                           f"re-run {step4} and {step5} with the current LoRA")
+    scores_path = cfg.scores_dir / "scores.json"
+    if not scores_path.is_file():
+        raise PublishError(f"the score report {scores_path} is missing: run {step5} first")
+    return _Inputs(lora, panels, grid, manifest, _read_json(scores_path, step5))
+
+
+# ---------------------------------------------------------------- model card
+
+
+def _num(value: Any, default: float | None = None) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    number = _num(value)
+    return "n/a" if number is None else f"{number:.{digits}f}"
+
+
+def _g(value: float) -> str:
+    return f"{value:g}"
+
+
+def _public_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The storyboard manifest with this machine's paths replaced by repo paths."""
+    out = json.loads(json.dumps(manifest))
+    lora = out.get("lora")
+    if isinstance(lora, dict):
+        lora["file"] = LORA_NAME
+    base = out.get("base_model")
+    if isinstance(base, dict):
+        base.pop("folder", None)
+    if out.get("story_file"):
+        out["story_file"] = Path(str(out["story_file"])).name
+    for i, panel in enumerate(out.get("panels") or [], start=1):
+        if isinstance(panel, dict):
+            panel["file"] = f"samples/panel_{i:02d}.png"
+    if "grid" in out:
+        out["grid"] = "samples/storyboard.png"
+    return out
+
+
+def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, Any], lora_meta: Mapping[str, Any],
+               rank: int, alpha: float) -> str:
+    """README.md in ModelScope's text-to-image LoRA style: front matter, usage, the 8 prompts, settings, scores."""
+    scale = alpha / rank
+    trigger = str(lora_meta.get("trigger_word") or manifest.get("trigger_word") or "").strip()
+    title = str(manifest.get("title") or repo_id.split("/", 1)[1])
+    strength = _num((manifest.get("lora") or {}).get("strength"), 1.0)
+    neg = str(manifest.get("negative") or "")
+    example = str(manifest["panels"][0]["prompt"])
+    lines = [
+        "---",
+        "frameworks:",
+        "- Pytorch",
+        f"license: {LICENSE}",
+        "tasks:",
+        f"- {TASK}",
+        "base_model:",
+        f"- {BASE_MODEL}",
+        "base_model_relation: adapter",
+        "tags:",
+        "- lora",
+        "- kolors",
+        "- text-to-image",
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"A LoRA for [Kolors 可图]({'https://modelscope.cn/models/' + BASE_MODEL}) (UNet attention "
+        f"`to_q/to_k/to_v/to_out`, rank {rank}, alpha {_g(alpha)}), trained with DiffSynth-Studio, and the "
+        f"{PANELS}-panel story it draws.",
+        "",
+        "![storyboard](samples/storyboard.png)",
+        "",
+    ]
+    if str(lora_meta.get("profile")) == "tiny":
+        lines += ["> **Note:** this LoRA was trained with the course's `tiny` profile (a random-weight test model):",
+                  "> it only exercises the pipeline and does not work on the real Kolors.", ""]
+    lines += [
+        "## Files",
+        "",
+        "| file | naming | for |",
+        "|---|---|---|",
+        f"| `{LORA_NAME}` | DiffSynth / peft (`blocks.N...lora_A.default.weight`) | DiffSynth-Studio |",
+        f"| `{EXPORTS['diffusers']}` | PEFT-style diffusers (`unet.down_blocks...lora_A.weight`) | diffusers "
+        "`KolorsPipeline` |",
+        f"| `{EXPORTS['kohya']}` | kohya (`lora_unet_..._to_q.lora_down.weight` + `.alpha`) | ComfyUI, WebUI |",
+        "| `samples/` | the 8 panels and the storyboard grid | |",
+        "| `manifest.json`, `prompts.txt` | every setting and prompt of the samples | |",
+        "",
+        "## Trigger word 触发词",
+        "",
+        (f"Put `{trigger}` in the prompt (the sample prompts below already contain it)." if trigger else
+         "None: this LoRA was trained without a trigger word; it applies its style to any prompt."),
+        "",
+        "## Recommended strength 推荐强度",
+        "",
+        f"Strength **1.0** = the training scale alpha/rank = {_g(alpha)}/{rank} = {_g(scale)}. The samples use "
+        f"strength {_g(strength)}. The same strength in each tool:",
+        "",
+        "| tool | file | setting for strength s | s = 1.0 |",
+        "|---|---|---|---|",
+        f"| DiffSynth `ModelManager.load_lora(path, lora_alpha=...)` (W += lora_alpha·B·A) | `{LORA_NAME}` | "
+        f"`lora_alpha = s × {_g(alpha)}/{rank}` | `lora_alpha={_g(scale)}` |",
+        f"| diffusers `set_adapters(..., adapter_weights=...)` (alpha/rank baked in) | `{EXPORTS['diffusers']}` | "
+        "`s` | `1.0` |",
+        f"| ComfyUI `LoraLoaderModelOnly` strength_model / WebUI `<lora:...:s>` | `{EXPORTS['kohya']}` | `s` | "
+        "`1.0` |",
+        "",
+        "0.5-1.0 is a good range; above 1.0 the style over-takes the prompt.",
+        "",
+        "## How to use 使用方法",
+        "",
+        "### DiffSynth-Studio",
+        "",
+        "```python",
+        "import torch",
+        "from diffsynth import ModelManager, SDXLImagePipeline",
+        "from modelscope import snapshot_download",
+        "",
+        f'kolors = snapshot_download("{BASE_MODEL}")',
+        f'lora_dir = snapshot_download("{repo_id}")',
+        'model_manager = ModelManager(torch_dtype=torch.float16, device="cuda", file_path_list=[',
+        '    f"{kolors}/text_encoder",',
+        '    f"{kolors}/unet/diffusion_pytorch_model.safetensors",',
+        '    f"{kolors}/vae/diffusion_pytorch_model.safetensors",',
+        "])",
+        f'model_manager.load_lora(f"{{lora_dir}}/{LORA_NAME}", lora_alpha={_g(scale * strength)})  '
+        f"# strength {_g(strength)}",
+        "pipe = SDXLImagePipeline.from_model_manager(model_manager)",
+        f"image = pipe(prompt={example!r},",
+        f"             negative_prompt={neg!r},",
+        f"             cfg_scale={_g(_num(manifest.get('cfg_scale'), 4.0))}, "
+        f"num_inference_steps={int(_num(manifest.get('steps'), 50))}, "
+        f"height={int(_num(manifest.get('height'), 1024))}, width={int(_num(manifest.get('width'), 1024))})",
+        'image.save("panel.png")',
+        "```",
+        "",
+        "### diffusers",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import KolorsPipeline",
+        "from modelscope import snapshot_download",
+        "",
+        'pipe = KolorsPipeline.from_pretrained("Kwai-Kolors/Kolors-diffusers", torch_dtype=torch.float16,',
+        '                                      variant="fp16").to("cuda")',
+        f'pipe.load_lora_weights(snapshot_download("{repo_id}"), weight_name="{EXPORTS["diffusers"]}",',
+        '                       adapter_name="story")',
+        f'pipe.set_adapters(["story"], adapter_weights=[{_g(strength)}])',
+        f"image = pipe({example!r}, negative_prompt={neg!r}).images[0]",
+        "```",
+        "",
+        "### ComfyUI",
+        "",
+        f"Copy `{EXPORTS['kohya']}` to `ComfyUI/models/loras/`, then put a **LoraLoaderModelOnly** node "
+        f"(`strength_model` = {_g(strength)}) between the Kolors UNet loader and the sampler (Kolors needs the "
+        "Kolors custom nodes for its ChatGLM3 text encoder). In API-format JSON:",
+        "",
+        "```json",
+        json.dumps({"class_type": "LoraLoaderModelOnly",
+                    "inputs": {"lora_name": EXPORTS["kohya"], "strength_model": strength, "model": ["1", 0]}},
+                   indent=2),
+        "```",
+        "",
+        "## Samples and prompts 示例与提示词",
+        "",
+        f"Steps {manifest.get('steps', 'n/a')}, CFG {manifest.get('cfg_scale', 'n/a')}, "
+        f"{manifest.get('width', '?')}x{manifest.get('height', '?')}, LoRA strength {_g(strength)}."
+        + (f" Negative prompt: `{neg}`" if neg else ""),
+        "",
+    ]
+    for i, panel in enumerate(manifest["panels"], start=1):
+        scene = str(panel.get("scene") or f"panel {i}").replace("[", "(").replace("]", ")")
+        lines += [f"### {i}. {scene}", "", f"![{scene}](samples/panel_{i:02d}.png)", "", "```text",
+                  str(panel["prompt"]), "```", "", f"seed {panel.get('seed', 'n/a')}", ""]
+    keys = [("base_model", "base model"), ("profile", "profile"), ("steps", "steps"),
+            ("learning_rate", "learning rate"), ("batch_size", "batch size"), ("grad_accum", "gradient accumulation"),
+            ("precision", "precision"), ("resolution", "resolution"), ("seed", "seed"),
+            ("target_modules", "target modules"), ("init_lora_weights", "LoRA init"), ("scheduler", "scheduler"),
+            ("center_crop", "center crop"), ("random_flip", "random flip")]
+    lines += ["## Training settings 训练参数", "", "| setting | value |", "|---|---|",
+              f"| rank / alpha | {rank} / {_g(alpha)} (scale {_g(scale)}) |",
+              f"| trigger word | {trigger or '(none)'} |"]
+    lines += [f"| {label} | {lora_meta[key]} |" for key, label in keys if lora_meta.get(key) not in (None, "")]
+    consistency = scores.get("consistency")
+    cos = consistency.get("mean_pairwise_cosine") if isinstance(consistency, dict) else consistency
+    mean, gate = _num(scores.get("mean")), _num(scores.get("gate"))
+    passed = scores.get("passed")
+    verdict = "PASS" if passed else ("FAIL" if passed is not None else "n/a")
+    lines += [
+        "",
+        "## Scores 评分",
+        "",
+        f"- aesthetic score (the challenge's predictor), mean of the {PANELS} panels: **{_fmt(mean)}** vs the "
+        f"gate {_fmt(gate, 1)}: **{verdict}**",
+        f"- style consistency (mean pairwise cosine of the panels' image embeddings): **{_fmt(cos)}**",
+        "",
+    ]
+    files = [f for f in scores.get("files") or [] if isinstance(f, dict) and f.get("panel", True)]
+    if files:
+        lines += ["| panel | aesthetic | consistency to the others |", "|---|---|---|"]
+        lines += [f"| {f.get('file')} | {_fmt(f.get('score'))} | {_fmt(f.get('consistency_to_others'))} |"
+                  for f in files]
+        lines.append("")
+    lines += ["## License", "",
+              f"This LoRA: {LICENSE}. Using it with Kolors is also subject to the Kolors model license.", ""]
+    return "\n".join(lines)
+
+
+def prompts_text(manifest: Mapping[str, Any]) -> str:
+    """prompts.txt: one `samples/panel_XX.png<TAB>prompt` line per panel."""
+    head = (f"# the {PANELS} sample images and their prompts; negative prompt, seeds and settings: manifest.json\n")
+    return head + "".join(f"samples/panel_{i:02d}.png\t{' '.join(str(p['prompt']).split())}\n"
+                          for i, p in enumerate(manifest["panels"], start=1))
+
+
+# ---------------------------------------------------------------- assemble
+
+
+def _same_lora(a: Path, b: Path) -> bool:
+    """Whether two LoRA files hold the same tensors and metadata (safetensors key order varies between writes)."""
+    import torch
+
+    from kolors_lib.export import LoraError, load_lora
+
+    try:
+        (sa, ma), (sb, mb) = load_lora(a), load_lora(b)
+    except (LoraError, OSError):
+        return False
+    return ma == mb and sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _export(lora: Path, stage: Path, previous: Path) -> tuple[dict[str, Any], int, float]:
+    """Copy the LoRA and write its diffusers/kohya exports into `stage`; returns (metadata, rank, alpha).
+
+    An export equal in content to the one in `previous` (the last publish folder) keeps its bytes, so a
+    re-run is byte-identical and an upload does not send unchanged blobs again."""
+    from kolors_lib.export import LoraError, convert_lora, load_lora, save_lora
+
+    try:
+        state, meta = load_lora(lora)
+        shutil.copyfile(lora, stage / LORA_NAME)
+        rank, alpha = None, None
+        for fmt, name in EXPORTS.items():
+            out, out_meta = convert_lora(state, fmt, meta)
+            out_meta.setdefault("source_file", lora.name)
+            save_lora(out, stage / name, out_meta)
+            if (previous / name).is_file() and _same_lora(stage / name, previous / name):
+                shutil.copyfile(previous / name, stage / name)
+            rank, alpha = int(out_meta["rank"]), float(out_meta["alpha"])
+    except LoraError as err:
+        raise PublishError(f"cannot export {lora}: {err}") from None
+    return meta, rank, alpha
+
+
+def _swap_in(stage: Path, dest: Path) -> None:
+    """Replace folder `dest` by `stage` with two renames (the old one is removed afterwards)."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+    try:
+        os.replace(stage, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def assemble(cfg: Config, repo_id: str) -> Path:
+    """Build `cfg.publish_dir` (the folder uploaded as model repo `repo_id`) and return it."""
+    repo_id = validate_repo_id(repo_id)
+    inputs = _check_inputs(cfg)
+    dest = cfg.publish_dir
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        meta, rank, alpha = _export(inputs.lora, stage, dest)
+        samples = stage / "samples"
+        samples.mkdir()
+        for panel in inputs.panels:
+            shutil.copyfile(panel, samples / panel.name)
+        shutil.copyfile(inputs.grid, samples / "storyboard.png")
+        files = {
+            "README.md": model_card(repo_id, inputs.manifest, inputs.scores, meta, rank, alpha),
+            "manifest.json": json.dumps(_public_manifest(inputs.manifest), indent=2, ensure_ascii=False) + "\n",
+            "prompts.txt": prompts_text(inputs.manifest),
+            "configuration.json": json.dumps({"framework": "pytorch", "task": TASK}, indent=2) + "\n",
+        }
+        for name, text in files.items():
+            (stage / name).write_text(text, encoding="utf-8")
+        stage.chmod(0o755)  # mkdtemp makes it 0700
+        _swap_in(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dest
+
+
+def plan(folder: str | Path) -> list[tuple[str, int]]:
+    """The files an upload of `folder` sends: (path in the repo, size in bytes), sorted by path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PublishError(f"{folder} does not exist: assemble it first (python -m kolors_lib publish --dry-run)")
+    out = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if path.is_file() and rel.name not in _IGNORED_NAMES and not _IGNORED_DIRS.intersection(rel.parts[:-1]):
+            out.append((rel.as_posix(), path.stat().st_size))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------- publish
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@dataclass
+class PublishResult:
+    """What was (or, in a dry run, would be) uploaded, and where."""
+
+    repo_id: str
+    folder: Path
+    files: list[tuple[str, int]]
+    dry_run: bool
+    url: str
+    created: bool | None = None
+    commit: Any = None
+    user: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def __str__(self) -> str:
+        if self.dry_run:
+            head = (f"DRY RUN: nothing uploaded. Would upload {len(self.files)} files "
+                    f"({_size(self.total_bytes)}) from {self.folder} to {self.repo_id} ({self.url}):")
+        else:
+            how = "created" if self.created else "existing repo"
+            head = (f"uploaded {len(self.files)} files ({_size(self.total_bytes)}) from {self.folder} to "
+                    f"{self.repo_id} ({how}): {self.url}")
+        width = max((len(p) for p, _ in self.files), default=0)
+        rows = [f"  {p:<{width}}  {_size(s):>10}" for p, s in self.files]
+        tail = [] if not self.dry_run else [
+            f"to upload: set {TOKEN_ENV} (a token with write permission from {TOKEN_PAGE}) and run again without "
+            "--dry-run (library: publish(..., dry_run=False))"]
+        return "\n".join([head, *rows, *tail])
+
+
+def _redact(text: str, token: str) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _headline(err: BaseException, token: str) -> str:
+    """The first line of a modelscope error, token removed."""
+    text = getattr(err, "message", None) or str(err) or type(err).__name__
+    return _redact(str(text).strip().splitlines()[0] if str(text).strip() else type(err).__name__, token)
+
+
+def _hub_errors() -> dict[str, type[BaseException]]:
+    from modelscope_hub import errors
+
+    return {name: getattr(errors, name) for name in (
+        "HubError", "AuthenticationError", "PermissionDeniedError", "AlreadyExistsError", "NotExistError",
+        "NetworkError")}
+
+
+def _login(api: Any, token: str, endpoint: str, errs: dict[str, type[BaseException]]) -> str | None:
+    try:
+        api.login(token)
+    except (errs["AuthenticationError"], errs["PermissionDeniedError"]):
+        raise PublishError(f"ModelScope rejected the token in {TOKEN_ENV} (invalid, expired, or for the other "
+                           f"ModelScope site): create a token with write permission at {TOKEN_PAGE}, set "
+                           f"{TOKEN_ENV} to it and run again") from None
+    except errs["NetworkError"] as err:
+        raise PublishError(f"cannot reach ModelScope at {endpoint} ({_headline(err, token)}): check the network "
+                           "and run again; nothing was uploaded") from None
+    except (errs["HubError"], ValueError, OSError) as err:
+        raise PublishError(f"ModelScope login failed: {_headline(err, token)}") from None
+    try:
+        return api.whoami().username
+    except Exception:  # noqa: BLE001 - the user name only improves messages
+        return None
+
+
+def _ensure_repo(api: Any, repo_id: str, private: bool, user: str | None, lfs_probe: dict[str, Any],
+                 token: str, errs: dict[str, type[BaseException]]) -> bool:
+    """Create `repo_id` if missing; True when created. Raises PublishError when it is not ours to write."""
+    owner = repo_id.split("/", 1)[0]
+    who = f"you ({user})" if user else "your account"
+    try:
+        api.create_repo(repo_id, visibility="private" if private else "public", license="apache-2.0")
+        return True
+    except errs["AlreadyExistsError"]:
+        pass
+    except (errs["PermissionDeniedError"], errs["AuthenticationError"]):
+        raise PublishError(f"cannot create {repo_id}: {who} may not create models under {owner!r}; use your own "
+                           f"user name (or an organisation you belong to) as OWNER") from None
+    except errs["HubError"] as err:
+        raise PublishError(f"cannot create {repo_id}: {_headline(err, token)}") from None
+    # it exists: make sure we may write to it before uploading anything (one git-lfs batch request)
+    try:
+        api.legacy.validate_blobs(repo_id=repo_id, repo_type="model", objects=[lfs_probe])
+    except AttributeError:  # an older client without the legacy accessor: the upload will tell
+        return False
+    except (errs["PermissionDeniedError"], errs["AuthenticationError"], errs["NotExistError"]):
+        raise PublishError(f"the name {repo_id} is taken by someone else (or is not writable by {who}): choose "
+                           f"another NAME, e.g. {owner}/{NAME_HINT}") from None
+    except errs["HubError"] as err:
+        raise PublishError(f"cannot check write access to {repo_id}: {_headline(err, token)}") from None
+    return False
+
+
+def _upload(cfg: Config, repo_id: str, folder: Path, files: list[tuple[str, int]], token: str, private: bool,
+            commit_message: str | None) -> PublishResult:
+    from kolors_lib.generation import sha256_file
+    from kolors_lib.hub import hub_endpoint
+
+    endpoint = hub_endpoint()
+    errs = _hub_errors()
+    from modelscope.hub.api import HubApi
+
+    api = HubApi(endpoint=endpoint, token=token)
+    user = _login(api, token, endpoint, errs)
+    lora = folder / LORA_NAME
+    created = _ensure_repo(api, repo_id, private, user,
+                           {"oid": sha256_file(lora), "size": lora.stat().st_size}, token, errs)
+    message = commit_message or f"Kolors LoRA, model card and {PANELS} storyboard samples ({len(files)} files)"
+    try:
+        commit = api.upload_folder(repo_id, folder_path=str(folder), commit_message=message, repo_type="model",
+                                   use_cache=False, allow_patterns=[glob.escape(p) for p, _ in files])
+    except (errs["PermissionDeniedError"], errs["AuthenticationError"]):
+        raise PublishError(f"ModelScope refused the upload to {repo_id}: the token has no write permission there "
+                           f"(create a write token at {TOKEN_PAGE})") from None
+    except (errs["HubError"], OSError, RuntimeError) as err:
+        raise PublishError(f"upload to {repo_id} failed ({_headline(err, token)}); the files in {folder} are "
+                           "unchanged: run the same command again to retry") from None
+    finally:
+        for name in _IGNORED_NAMES:  # use_cache=False writes none; never leave one behind
+            (folder / name).unlink(missing_ok=True)
+    return PublishResult(repo_id, folder, files, False, model_url(repo_id), created, commit, user)
+
+
+def publish(cfg: Config, repo_id: str, dry_run: bool = True, token: str | None = None, private: bool = False,
+            commit_message: str | None = None) -> PublishResult:
+    """Assemble `cfg.publish_dir` and upload it as ModelScope model `repo_id`; a dry run (default) sends nothing.
+
+    The token comes from $MODELSCOPE_API_TOKEN (`token` overrides it, for library use only).
+    """
+    repo_id = validate_repo_id(repo_id)
+    token = (token if token is not None else os.environ.get(TOKEN_ENV, "")).strip()
+    if not dry_run and not token:
+        raise PublishError(f"no ModelScope token: set the environment variable {TOKEN_ENV} to an access token with "
+                           f"write permission ({TOKEN_PAGE}); or do a dry run to only see what would be uploaded")
+    folder = assemble(cfg, repo_id)
+    files = plan(folder)
+    if dry_run:
+        return PublishResult(repo_id, folder, files, True, model_url(repo_id))
+    try:
+        return _upload(cfg, repo_id, folder, files, token, private, commit_message)
+    except PublishError as err:
+        raise PublishError(_redact(str(err), token)) from None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_publish_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `publish --repo-id OWNER/NAME [--dry-run] [--private] [--workdir W] [--profile P] [--config F]`."""
+    parser = parser or argparse.ArgumentParser(prog="python -m kolors_lib publish", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo-id", required=True,
+                        help=f"ModelScope model id OWNER/NAME, e.g. your-user/{NAME_HINT}")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="assemble and list what would be uploaded, upload nothing (no token needed)")
+    parser.add_argument("--private", action="store_true", help="create the repo as private (default: public)")
+    parser.add_argument("--workdir", type=Path, default=None, help="work dir (default: from the config)")
+    parser.add_argument("--config", type=Path, default=None, help="course config YAML (default: configs/default.yaml)")
+    parser.add_argument("--profile", choices=PROFILES, default="auto", help="full, tiny or auto (default)")
+    return parser
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    """Publish (or with --dry-run, show the plan); 0 on success, 2 with a one-line `error: ...` otherwise.
+
+    Without --dry-run the token must be in $MODELSCOPE_API_TOKEN (never an argument)."""
+    try:
+        repo_id = validate_repo_id(args.repo_id)
+        if not args.dry_run and not os.environ.get(TOKEN_ENV, "").strip():
+            raise PublishError(f"no token: uploading needs the environment variable {TOKEN_ENV} (an access token "
+                               f"with write permission from {TOKEN_PAGE}, e.g. export {TOKEN_ENV}=...); add "
+                               "--dry-run to only see what would be uploaded")
+        cfg = load_config(args.config, profile=args.profile, workdir=args.workdir)
+        result = publish(cfg, repo_id, dry_run=args.dry_run, private=args.private)
+    except (PublishError, ConfigError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(result)
+    return 0
+
+
+def main_publish(argv: Sequence[str] | None = None) -> int:
+    """`publish` entry point (argv without the word `publish`)."""
+    return run_publish(build_publish_parser().parse_args(argv))
