@@ -88,9 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     wd = args.workdir.resolve()
     print(f"\nDone: {len(done)} notebooks ran on the '{args.profile}' profile.")
     print(f"  executed notebooks: {wd / 'notebooks'}")
-    print(f"  imported images:    {wd / 'data' / 'raw'}")
-    print(f"  training set:       {wd / 'data' / 'clean' / 'train' / 'metadata.csv'}")
-    print(f"  filter report:      {wd / 'data' / 'clean' / 'report.json'}")
+    outputs = [("imported images", wd / "data" / "raw"),
+               ("training set", wd / "data" / "clean" / "train" / "metadata.csv"),
+               ("filter report", wd / "data" / "clean" / "report.json"),
+               ("trained LoRA", wd / "lora" / "kolors_lora.safetensors"),
+               ("loss log", wd / "lora" / "loss.csv"),
+               ("storyboard", wd / "storyboard" / "storyboard.png"),
+               ("scores", wd / "scores" / "scores.json"),
+               ("upload folder", wd / "publish")]
+    for name, path in outputs:
+        if path.exists():
+            print(f"  {name + ':':20}{path}")
     return 0
 
 

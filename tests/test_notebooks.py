@@ -23,7 +23,7 @@ def test_notebooks_are_committed_clean() -> None:
 def test_course_notebooks_run_in_sequence(tmp_path: Path) -> None:
     workdir = tmp_path / "course"
     done = notebooks.run("tiny", workdir, only=None)
-    assert [p.name[:2] for p in done][:5] == ["01", "02", "03", "04", "05"]
+    assert [p.name[:2] for p in done] == ["01", "02", "03", "04", "05", "06"]
 
     raw = [json.loads(line) for line in (workdir / "data/raw/metadata.jsonl").read_text().splitlines()]
     report = json.loads((workdir / "data/clean/report.json").read_text())
@@ -57,6 +57,14 @@ def test_course_notebooks_run_in_sequence(tmp_path: Path) -> None:
     scores = json.loads((workdir / "scores/scores.json").read_text(encoding="utf-8"))
     assert scores["gate"] == 6.0 and scores["passed"] is False  # random weights score about 0
     assert len([r for r in scores["files"] if r["panel"]]) == 8
+
+    # step 06 (dry run): the upload folder holds the LoRA in 3 namings, a card, samples and prompts
+    publish = workdir / "publish"
+    names = {p.relative_to(publish).as_posix() for p in publish.rglob("*") if p.is_file()}
+    assert {"README.md", "prompts.txt", "manifest.json", "kolors_lora.safetensors", "kolors_lora.diffusers.safetensors",
+            "kolors_lora.kohya.safetensors", "samples/storyboard.png"} <= names
+    assert len([n for n in names if n.startswith("samples/panel_")]) == 8
+    assert "kstory" in (publish / "README.md").read_text(encoding="utf-8")
 
     # the executed notebooks show pictures, not just text
     executed = json.loads((workdir / "notebooks/02_clean_with_data_juicer.ipynb").read_text())
