@@ -26,5 +26,8 @@ test: lint  ## library tests + every notebook through papermill on the tiny prof
 demo: setup  ## run the whole course (notebooks 01..) on the tiny model, offline
 	$(BIN)/python scripts/notebooks.py run --profile tiny --workdir workdir/demo
 
+bench: setup  ## real-size Kolors, random weights: memory and speed, ours vs stock (results: docs/benchmarks.md)
+	$(BIN)/python scripts/bench.py
+
 clean:
 	rm -rf workdir .pytest_cache .ruff_cache
