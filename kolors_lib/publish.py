@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolors_lib.config import PROFILES, Config, ConfigError, load_config
+from kolors_lib.config import PROFILES, PROJECT_ROOT, Config, ConfigError, load_config
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 TOKEN_PAGE = "https://modelscope.cn/my/myaccesstoken"
@@ -292,6 +292,11 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, A
                    indent=2),
         "```",
         "",
+        "With ComfyUI-KwaiKolorsWrapper (the challenge's workflow): copy `comfyui/kolors_story_lora/` to "
+        f"`ComfyUI/custom_nodes/` and `{EXPORTS['diffusers']}` to `ComfyUI/models/loras/`, then load "
+        "`comfyui/kolors_story_workflow.json` (scene 1 with its seed; the *Load Kolors Story LoRA* node's "
+        "strength has the meaning above).",
+        "",
         "## Samples and prompts 示例与提示词",
         "",
         f"Steps {manifest.get('steps', 'n/a')}, CFG {manifest.get('cfg_scale', 'n/a')}, "
@@ -400,6 +405,19 @@ def _swap_in(stage: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+COMFYUI_NODE = PROJECT_ROOT / "comfyui" / "kolors_story_lora"
+
+
+def _add_comfyui(cfg: Config, stage: Path) -> None:
+    """The ComfyUI workflow of scene 1 with our LoRA, and the custom node that loads it."""
+    from kolors_lib.comfyui import write_workflow
+
+    write_workflow(cfg, stage / EXPORTS["diffusers"], stage / "comfyui" / "kolors_story_workflow.json")
+    if COMFYUI_NODE.is_dir():  # a source checkout; the node folder is not part of the wheel
+        shutil.copytree(COMFYUI_NODE, stage / "comfyui" / COMFYUI_NODE.name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 def assemble(cfg: Config, repo_id: str) -> Path:
     """Build `cfg.publish_dir` (the folder uploaded as model repo `repo_id`) and return it."""
     repo_id = validate_repo_id(repo_id)
@@ -422,6 +440,7 @@ def assemble(cfg: Config, repo_id: str) -> Path:
         }
         for name, text in files.items():
             (stage / name).write_text(text, encoding="utf-8")
+        _add_comfyui(cfg, stage)
         stage.chmod(0o755)  # mkdtemp makes it 0700
         _swap_in(stage, dest)
     except BaseException:

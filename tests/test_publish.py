@@ -36,7 +36,9 @@ from hub_server import HubServer  # noqa: E402
 TOKEN = "ms-SECRET-7f3a9c0d4e5b6a7c8d9e0f1a2b3c4d5e"
 REPO = "alice/队伍名称-可图Kolors训练-story"
 EXPECTED = sorted([LORA_NAME, *EXPORTS.values(), "README.md", "manifest.json", "prompts.txt", "configuration.json",
-                   "samples/storyboard.png", *(f"samples/panel_{i:02d}.png" for i in range(1, 9))])
+                   "samples/storyboard.png", *(f"samples/panel_{i:02d}.png" for i in range(1, 9)),
+                   "comfyui/kolors_story_workflow.json", "comfyui/kolors_story_lora/__init__.py",
+                   "comfyui/kolors_story_lora/nodes.py", "comfyui/kolors_story_lora/README.md"])
 
 
 def _png(path: Path, seed: int, size: int = 24) -> None:
