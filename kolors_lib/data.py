@@ -579,13 +579,12 @@ def import_dataset(cfg: Config, source: str | Path | None = None) -> ImportResul
 # --------------------------------------------------------------------------- reading back
 
 
-def read_metadata(raw_dir: Path) -> list[dict]:
-    """Read raw_dir/metadata.jsonl, checking every line; errors name the file and line."""
+def iter_metadata(raw_dir: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of raw_dir/metadata.jsonl, every line checked; errors name the file and line."""
     raw_dir = Path(raw_dir)
     path = raw_dir / METADATA_NAME
     if not path.is_file():
-        raise DataError(f"{path} not found: run step 01 (import_dataset) first")
-    rows = []
+        raise DataError(f"{path} not found: run step 01 first (`python -m kolors_lib data import`)")
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -606,12 +605,17 @@ def read_metadata(raw_dir: Path) -> list[dict]:
             if not isinstance(row["text"], str):
                 raise DataError(f"{where}: 'text' must be a string")
             for rel in images:
+                # a path that leaves raw_dir would make later steps read (and copy) files they do not own
                 if PurePosixPath(rel).is_absolute() or not _inside(raw_dir / rel, raw_dir):
                     raise DataError(f"{where}: image path {rel!r} escapes {raw_dir}")
                 if not (raw_dir / rel).is_file():
                     raise DataError(f"{where}: image file {rel!r} not found")
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def read_metadata(raw_dir: Path) -> list[dict]:
+    """Read raw_dir/metadata.jsonl, checking every line; errors name the file and line."""
+    return [row for _, row in iter_metadata(raw_dir)]
 
 
 def show_images(

@@ -117,47 +117,31 @@ def read_raw(raw_dir: Path, default_caption: str = "") -> tuple[list[RawItem], l
     """Read step 01's `metadata.jsonl`; return the usable rows and the skipped (unreadable) ones."""
     from PIL import Image
 
+    from kolors_lib.data import DataError, iter_metadata
+
     raw_dir = Path(raw_dir)
     meta = raw_dir / "metadata.jsonl"
-    if not meta.is_file():
-        raise FilterError(
-            f"no raw dataset at {meta}: run step 01 first (`python -m kolors_lib data import`)"
-        )
+    try:
+        rows = list(iter_metadata(raw_dir))
+    except DataError as err:
+        raise FilterError(str(err)) from None
     root = raw_dir.resolve()
     items: list[RawItem] = []
     skipped: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    lines = meta.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(tqdm(lines, desc="check raw images", leave=False), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in tqdm(rows, desc="check raw images", leave=False):
         where = f"{meta}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FilterError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise FilterError(f"{where}: expected a JSON object")
-        missing = [k for k in ("id", "images", "text") if k not in row]
-        if missing:
-            raise FilterError(f"{where}: missing key(s) {', '.join(missing)}")
         images = row["images"]
-        if not (isinstance(images, list) and len(images) == 1 and isinstance(images[0], str) and images[0]):
+        if len(images) != 1:
             raise FilterError(f"{where}: 'images' must be a list with one image path")
         rel = images[0]
         path = (root / rel).resolve()
-        # a path that leaves raw_dir would make step 02 read (and copy) files it does not own
-        if Path(rel).is_absolute() or not path.is_relative_to(root):
-            raise FilterError(f"{where}: image path {rel!r} is outside {raw_dir}")
-        if not path.is_file():
-            raise FilterError(f"{where}: image file {path} is missing")
         item_id = str(row["id"])
         if item_id in seen:
             raise FilterError(f"{where}: id {item_id!r} already used on line {seen[item_id]}")
         seen[item_id] = lineno
-        text = row["text"] if isinstance(row["text"], str) else ""
         source = str(row.get("source", ""))
-        item = RawItem(item_id, rel, path, text.strip() or default_caption, source, lineno)
+        item = RawItem(item_id, rel, path, row["text"].strip() or default_caption, source, lineno)
         # decode fully now: inside Data-Juicer a broken file is swallowed by skip_op_error
         try:
             with Image.open(path) as im:

@@ -290,9 +290,9 @@ def _small_raw(cfg: Config) -> dict[str, Any]:
     ("bad", "match"),
     [
         ("{not json", r"metadata\.jsonl:2: not valid JSON"),
-        ({"id": "b", "images": ["../outside.jpg"], "text": "t"}, r"metadata\.jsonl:2: .*outside"),
-        ({"id": "b", "images": ["/etc/hostname"], "text": "t"}, r"metadata\.jsonl:2: .*outside"),
-        ({"id": "b", "images": ["images/missing.jpg"], "text": "t"}, r"metadata\.jsonl:2: .*missing"),
+        ({"id": "b", "images": ["../outside.jpg"], "text": "t"}, r"metadata\.jsonl:2: .*escapes"),
+        ({"id": "b", "images": ["/etc/hostname"], "text": "t"}, r"metadata\.jsonl:2: .*escapes"),
+        ({"id": "b", "images": ["images/missing.jpg"], "text": "t"}, r"metadata\.jsonl:2: .*not found"),
         ({"id": "b", "text": "t"}, r"metadata\.jsonl:2: missing key\(s\) images"),
         ({"id": "a", "images": ["images/a.jpg"], "text": "t"}, r"metadata\.jsonl:2: id 'a' already used"),
     ],
