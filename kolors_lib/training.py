@@ -508,6 +508,16 @@ class TrainResult:
         """Optimizer steps per second of this call (resumed steps excluded)."""
         return (self.steps - self.resumed_from) / self.seconds if self.seconds > 0 else float("nan")
 
+    def __str__(self) -> str:
+        new = self.steps - self.resumed_from
+        if new == 0:
+            run = f"all {self.steps} steps were done before (nothing to train)"
+        elif self.resumed_from:
+            run = f"resumed at step {self.resumed_from}, trained {new} more ({self.steps_per_second:.2f} steps/s)"
+        else:
+            run = f"trained {new} steps ({self.steps_per_second:.2f} steps/s)"
+        return f"{run}; LoRA: {self.lora_path}"
+
     def loss_plot(self, smooth: int = 10) -> Any:
         """matplotlib Figure of the loss per step and its moving average (no display needed)."""
         from matplotlib.figure import Figure

@@ -349,3 +349,16 @@ def test_ddp_two_cpu_processes(cfg: Config) -> None:
     last = torch.load(result.checkpoints[-1], weights_only=False)["lora"]
     assert all(torch.equal(final[k], last[k]) for k in final)  # the trained weights came back from the ranks
     assert any(torch.count_nonzero(v) for k, v in final.items() if "lora_B" in k)
+
+
+def test_result_says_what_this_run_did(tmp_path: Path) -> None:
+    from kolors_lib.training import TrainResult
+
+    def result(steps: int, resumed: int) -> str:
+        return str(TrainResult(tmp_path / "l.safetensors", tmp_path / "loss.csv", [], steps, resumed, 2.0,
+                               tmp_path / "cache"))
+
+    assert result(30, 30).startswith("all 30 steps were done before")
+    assert result(30, 10).startswith("resumed at step 10, trained 20 more (10.00 steps/s)")
+    assert result(30, 0).startswith("trained 30 steps (15.00 steps/s)")
+    assert str(tmp_path / "l.safetensors") in result(30, 0)
