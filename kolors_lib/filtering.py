@@ -294,6 +294,37 @@ def _local_ray(address: str) -> Iterator[None]:
         ray.shutdown()
 
 
+@contextlib.contextmanager
+def _quiet_console() -> Iterator[None]:
+    """Data-Juicer's console log at WARNING and no `datasets` bars; its job-folder log files keep INFO.
+
+    A learner's notebook otherwise fills with hundreds of lines of configuration tables and
+    per-op progress bars; the per-op counts are shown as a table by step 02 instead.
+    """
+    import datasets
+    from data_juicer.config import config as dj_config
+    from loguru import logger
+
+    add, display = logger.add, dj_config.display_config
+
+    def console_at_warning(sink: Any, *args: Any, **kwargs: Any) -> int:
+        if sink is sys.stderr or sink is sys.stdout:
+            kwargs["level"] = "WARNING"
+        return add(sink, *args, **kwargs)
+
+    bars = datasets.is_progress_bar_enabled()
+    logger.add = console_at_warning  # Data-Juicer adds its sinks inside init_configs
+    dj_config.display_config = lambda cfg: None  # a ~300-line table; the recipe is saved in the job folder
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        del logger.add  # the instance attribute shadowed the method; this restores it
+        dj_config.display_config = display
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def run_data_juicer(recipe_path: Path, executor: str, ray_address: str = "local") -> Path:
     """Run a resolved recipe with Data-Juicer's Python API; return the job folder (traces, logs)."""
     from kolors_lib.compat import offline_hub_env, patch_torchvision
@@ -303,7 +334,7 @@ def run_data_juicer(recipe_path: Path, executor: str, ray_address: str = "local"
     patch_torchvision()
     # Ray must be up before init_configs, which already asks the cluster for its CPU count
     ray = _local_ray(ray_address) if executor == "ray" else contextlib.nullcontext()
-    with _dj_process_state(), _no_runtime_installs(), ray:
+    with _dj_process_state(), _no_runtime_installs(), _quiet_console(), ray:
         from data_juicer.config import init_configs
 
         dj_cfg = init_configs(args=["--config", str(recipe_path)])

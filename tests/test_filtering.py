@@ -345,3 +345,15 @@ def test_ray_executor_keeps_the_same_set(run: dict[str, Any], tmp_path: Path) ->
     # counts and attribution match the default executor's
     assert result.ops == default.ops
     assert result.removed == default.removed
+
+
+def test_console_stays_short_while_job_logs_keep_info(tiny_cfg: Config, capfd: pytest.CaptureFixture[str]) -> None:
+    make_raw(tiny_cfg.raw_dir, {k: SPECS[k] for k in ("00001", "00003", "00004")})
+    filter_dataset(tiny_cfg)
+    out, err = capfd.readouterr()
+    console = (out + err).splitlines()
+    assert len(console) < 40, "\n".join(console[:60])
+    assert not any("Configuration table" in line or "│ key" in line for line in console)
+    logs = list((tiny_cfg.clean_dir / "dj" / "default").glob("*/logs/**/*.txt.gz"))
+    text = "".join(gzip.decompress(p.read_bytes()).decode("utf-8", "replace") for p in logs)
+    assert "| INFO" in text and "OP [image_shape_filter] Done" in text
