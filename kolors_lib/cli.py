@@ -8,13 +8,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kolors_lib.config import PROFILES, Config, ConfigError, load_config, read_yaml
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", type=Path, default=None, help="work dir (default: from the config)")
-    parser.add_argument("--config", type=Path, default=None, help="course config YAML (default: configs/default.yaml)")
-    parser.add_argument("--profile", choices=PROFILES, default="auto", help="full, tiny or auto (default)")
+from kolors_lib.args import (
+    add_common,
+    build_export_parser,
+    build_publish_parser,
+    build_score_parser,
+    build_storyboard_parser,
+    build_train_parser,
+)
+from kolors_lib.config import Config, ConfigError, load_config, read_yaml
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,26 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--overwrite", action="store_true", help="rewrite even if the same tiny model is there")
 
     models = sub.add_parser("models", help="resolve (download or find) the profile's models and print their folders")
-    _common(models)
+    add_common(models)
 
     data = sub.add_parser("data", help="step 01 (import) and step 02 (filter) of the course")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     imp = data_sub.add_parser("import", help="import images into <workdir>/data/raw")
     imp.add_argument("src", nargs="?", default=None,
                      help="local image folder (default: the profile's dataset, e.g. ModelScope lowres_anime)")
-    _common(imp)
+    add_common(imp)
     filt = data_sub.add_parser("filter", help="clean <workdir>/data/raw with Data-Juicer into DiffSynth's layout")
-    _common(filt)
+    add_common(filt)
     filt.add_argument("--executor", choices=("default", "ray"), default=None,
                       help="Data-Juicer executor (ray: same recipe on a local Ray cluster)")
 
-    from kolors_lib.export import build_export_parser
-    from kolors_lib.generation import build_storyboard_parser
-    from kolors_lib.publish import build_publish_parser
-    from kolors_lib.training import build_train_parser
 
     build_train_parser(sub.add_parser("train", help="step 03: train the Kolors LoRA (cached text + latents)"))
-    from kolors_lib.scoring import build_score_parser
 
     build_publish_parser(sub.add_parser(
         "publish", help="step 06: assemble the model page and upload it to ModelScope (--dry-run shows the plan)"))

@@ -25,7 +25,6 @@ rank; :func:`diffsynth_lora_alpha` gives the ``x`` that matches a strength here.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -39,9 +38,10 @@ from typing import Any
 
 import torch
 
+from kolors_lib.args import LORA_FORMATS
 from kolors_lib.compat import patch_torchvision
 
-FORMATS = ("diffsynth", "diffusers", "kohya")
+FORMATS = LORA_FORMATS  # one list for the CLI and the converters
 META_JSON_KEYS = "kolors_lib.json_keys"  # metadata entry listing the values stored JSON-encoded
 _DIFFSYNTH = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.default\.weight$")
 _DIFFUSERS = re.compile(r"^unet\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -422,20 +422,10 @@ def merge_lora(unet: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], st
 # ---------------------------------------------------------------- command line
 
 
-def build_export_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `export-lora IN --format {diffsynth,diffusers,kohya} OUT [--alpha A]`."""
-    parser = parser or argparse.ArgumentParser(prog="python -m kolors_lib export-lora", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="LoRA .safetensors (any of the three namings)")
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, required=True, help="naming to write")
-    parser.add_argument("dest", type=Path, help="output .safetensors (or a folder to write into)")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="training LoRA alpha, when a DiffSynth file lacks it in its metadata")
-    return parser
-
-
 def main_export(argv: Sequence[str] | None = None) -> int:
     """`export-lora` entry point: convert, print the written path; 2 with a message on error."""
+    from kolors_lib.args import build_export_parser
+
     args = build_export_parser().parse_args(argv)
     try:
         out = export_lora(args.src, args.fmt, args.dest, alpha=args.alpha)

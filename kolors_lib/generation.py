@@ -804,26 +804,10 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
 # ---------------------------------------------------------------- command line
 
 
-def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `storyboard` (step 04)."""
-    from kolors_lib.config import PROFILES
-
-    parser = parser or argparse.ArgumentParser(prog="python -m kolors_lib storyboard",
-                                               description="step 04: render the 8-panel storyboard")
-    parser.add_argument("--workdir", type=Path, default=None, help="work dir (default: from the config)")
-    parser.add_argument("--config", type=Path, default=None, help="course config YAML (default: configs/default.yaml)")
-    parser.add_argument("--profile", choices=PROFILES, default="auto", help="full, tiny or auto (default)")
-    parser.add_argument("--story", type=Path, default=None, help="story YAML (default: generate.story)")
-    parser.add_argument("--strength", type=float, default=None,
-                        help="LoRA strength, 1.0 = training scale alpha/rank (default: generate.strength)")
-    parser.add_argument("--lora", type=Path, default=None,
-                        help="LoRA .safetensors (default: <workdir>/lora/kolors_lora.safetensors)")
-    parser.add_argument("--sweep", action="store_true", help="also render scene 1 at generate.sweep_strengths")
-    return parser
-
-
 def main_storyboard(argv: Sequence[str] | None = None) -> int:
     """`storyboard` entry point: 0 on success; `error: ...` and 2 for a bad story, LoRA or config."""
+    from kolors_lib.args import build_storyboard_parser
+
     return run_storyboard(build_storyboard_parser().parse_args(argv))
 
 

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolors_lib.config import PROFILES, PROJECT_ROOT, Config, ConfigError, load_config
+from kolors_lib.args import NAME_HINT
+from kolors_lib.config import PROJECT_ROOT, Config, ConfigError, load_config
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 TOKEN_PAGE = "https://modelscope.cn/my/myaccesstoken"
@@ -44,7 +45,6 @@ PANELS = 8
 BASE_MODEL = "Kwai-Kolors/Kolors"
 LICENSE = "Apache License 2.0"
 TASK = "text-to-image-synthesis"
-NAME_HINT = "队伍名称-可图Kolors训练-xxx"
 # files the modelscope client never uploads (its DEFAULT_IGNORE_PATTERNS and its own cache files)
 _IGNORED_NAMES = {".ms_upload_cache", ".ms_upload_progress"}
 _IGNORED_DIRS = {".git", ".cache"}
@@ -625,21 +625,6 @@ def publish(cfg: Config, repo_id: str, dry_run: bool = True, token: str | None =
 # ---------------------------------------------------------------- command line
 
 
-def build_publish_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `publish --repo-id OWNER/NAME [--dry-run] [--private] [--workdir W] [--profile P] [--config F]`."""
-    parser = parser or argparse.ArgumentParser(prog="python -m kolors_lib publish", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repo-id", required=True,
-                        help=f"ModelScope model id OWNER/NAME, e.g. your-user/{NAME_HINT}")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="assemble and list what would be uploaded, upload nothing (no token needed)")
-    parser.add_argument("--private", action="store_true", help="create the repo as private (default: public)")
-    parser.add_argument("--workdir", type=Path, default=None, help="work dir (default: from the config)")
-    parser.add_argument("--config", type=Path, default=None, help="course config YAML (default: configs/default.yaml)")
-    parser.add_argument("--profile", choices=PROFILES, default="auto", help="full, tiny or auto (default)")
-    return parser
-
-
 def run_publish(args: argparse.Namespace) -> int:
     """Publish (or with --dry-run, show the plan); 0 on success, 2 with a one-line `error: ...` otherwise.
 
@@ -661,4 +646,6 @@ def run_publish(args: argparse.Namespace) -> int:
 
 def main_publish(argv: Sequence[str] | None = None) -> int:
     """`publish` entry point (argv without the word `publish`)."""
+    from kolors_lib.args import build_publish_parser
+
     return run_publish(build_publish_parser().parse_args(argv))

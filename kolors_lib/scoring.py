@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from kolors_lib.config import PROFILES, Config, ConfigError, load_config
+from kolors_lib.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,7 +45,6 @@ __all__ = [
     "NON_PANEL_PREFIXES",
     "ScoreError",
     "ScoreResult",
-    "build_score_parser",
     "is_panel",
     "main_score",
     "score_folder",
@@ -373,21 +372,6 @@ def score_folder(
 # ---------------------------------------------------------------- command line
 
 
-def build_score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `score [DIR] [--workdir W] [--profile P] [--config FILE] [--gate G] [--strict]`."""
-    parser = parser or argparse.ArgumentParser(prog="python -m kolors_lib score", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", type=Path, nargs="?", default=None,
-                        help="folder of images to score (default: <workdir>/storyboard)")
-    parser.add_argument("--workdir", type=Path, default=None, help="work dir (default: from the config)")
-    parser.add_argument("--config", type=Path, default=None, help="course config YAML (default: configs/default.yaml)")
-    parser.add_argument("--profile", choices=PROFILES, default="auto", help="full, tiny or auto (default)")
-    parser.add_argument("--gate", type=float, default=None, help="pass mark for the mean (default: score.gate, 6.0)")
-    parser.add_argument("--device", default=None, help="torch device (default: the config's, CPU without CUDA)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when the mean is below the gate")
-    return parser
-
-
 def run_score(args: argparse.Namespace) -> int:
     """Score `args.dir` and print the report. Exit 0 on PASS and on FAIL (printed clearly: a low
     score is a result, not an error), 1 on FAIL with --strict, 2 with `error: ...` when it cannot score."""
@@ -406,4 +390,6 @@ def run_score(args: argparse.Namespace) -> int:
 
 def main_score(argv: Sequence[str] | None = None) -> int:
     """`score` entry point (argv without the word `score`): see `run_score` for the exit codes."""
+    from kolors_lib.args import build_score_parser
+
     return run_score(build_score_parser().parse_args(argv))

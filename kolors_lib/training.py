@@ -835,31 +835,10 @@ def estimate(cfg: Config) -> dict[str, float]:
 # --------------------------------------------------------------------------- CLI
 
 
-def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `python -m kolors_lib train`."""
-    from kolors_lib.config import PROFILES
-
-    p = parser or argparse.ArgumentParser(prog="python -m kolors_lib train",
-                                          description="Step 03: train the Kolors LoRA")
-    p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--config", type=Path, default=None)
-    p.add_argument("--profile", choices=PROFILES, default="auto")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--precision", default=None, choices=("32", "16-mixed", "bf16-mixed"))
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start afresh")
-    return p
-
-
 def main_train(argv: list[str]) -> int:
     """CLI entry: train, print where the LoRA went; 2 with a message on a training error."""
+    from kolors_lib.args import build_train_parser
+
     return run_train(build_train_parser().parse_args(argv))
 
 

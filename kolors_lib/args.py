@@ -1,0 +1,85 @@
+"""Argument parsers of every command, free of heavy imports so `--help` and quick commands start at once."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kolors_lib.config import PROFILES
+
+LORA_FORMATS = ("diffsynth", "diffusers", "kohya")
+NAME_HINT = "队伍名称-可图Kolors训练-xxx"  # the challenge's model-name style
+
+
+def _parser(parser: argparse.ArgumentParser | None, command: str, description: str) -> argparse.ArgumentParser:
+    return parser or argparse.ArgumentParser(prog=f"python -m kolors_lib {command}", description=description)
+
+
+def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--workdir, --config and --profile, which every step takes."""
+    parser.add_argument("--workdir", type=Path, default=None, help="work dir (default: from the config)")
+    parser.add_argument("--config", type=Path, default=None, help="course config YAML (default: configs/default.yaml)")
+    parser.add_argument("--profile", choices=PROFILES, default="auto", help="full, tiny or auto (default)")
+    return parser
+
+
+def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `train` (step 03)."""
+    p = add_common(_parser(parser, "train", "Step 03: train the Kolors LoRA"))
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--precision", default=None, choices=("32", "16-mixed", "bf16-mixed"))
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start afresh")
+    return p
+
+
+def build_export_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `export-lora IN --format {diffsynth,diffusers,kohya} OUT [--alpha A]`."""
+    p = _parser(parser, "export-lora", "Convert a LoRA file to another naming (same strength meaning)")
+    p.add_argument("src", type=Path, help="LoRA .safetensors (any of the three namings)")
+    p.add_argument("--format", dest="fmt", choices=LORA_FORMATS, required=True, help="naming to write")
+    p.add_argument("dest", type=Path, help="output .safetensors (or a folder to write into)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="training LoRA alpha, when a DiffSynth file lacks it in its metadata")
+    return p
+
+
+def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `storyboard` (step 04)."""
+    p = add_common(_parser(parser, "storyboard", "step 04: render the 8-panel storyboard"))
+    p.add_argument("--story", type=Path, default=None, help="story YAML (default: generate.story)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="LoRA strength, 1.0 = training scale alpha/rank (default: generate.strength)")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="LoRA .safetensors (default: <workdir>/lora/kolors_lora.safetensors)")
+    p.add_argument("--sweep", action="store_true", help="also render scene 1 at generate.sweep_strengths")
+    return p
+
+
+def build_score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `score [DIR] [--gate G] [--strict]` (step 05)."""
+    p = _parser(parser, "score", "step 05: aesthetic score per panel, the mean vs the gate, style consistency")
+    p.add_argument("dir", type=Path, nargs="?", default=None,
+                   help="folder of images to score (default: <workdir>/storyboard)")
+    add_common(p)
+    p.add_argument("--gate", type=float, default=None, help="pass mark for the mean (default: score.gate, 6.0)")
+    p.add_argument("--device", default=None, help="torch device (default: the config's, CPU without CUDA)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the mean is below the gate")
+    return p
+
+
+def build_publish_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `publish --repo-id OWNER/NAME [--dry-run] [--private]` (step 06)."""
+    p = _parser(parser, "publish", "step 06: assemble the model page and upload it to ModelScope")
+    p.add_argument("--repo-id", required=True, help=f"ModelScope model id OWNER/NAME, e.g. your-user/{NAME_HINT}")
+    p.add_argument("--dry-run", action="store_true",
+                   help="assemble and list what would be uploaded, upload nothing (no token needed)")
+    p.add_argument("--private", action="store_true", help="create the repo as private (default: public)")
+    return add_common(p)
