@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +161,15 @@ def load_model_manager(files: list[Path], device: str = "cpu", dtype: torch.dtyp
 
     manager = ModelManager(torch_dtype=dtype, device=device)
     register_sizes(manager, [f for f in files if Path(f).is_file()])
-    manager.load_models([str(f) for f in files])
+    log = io.StringIO()
+    try:
+        # DiffSynth prints several lines per model; keep them for when something goes wrong
+        with contextlib.redirect_stdout(log):
+            manager.load_models([str(f) for f in files])
+    except Exception:
+        print(log.getvalue(), file=sys.stderr)
+        raise
+    manager.load_log = log.getvalue()
     return manager
 
 

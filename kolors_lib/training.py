@@ -11,9 +11,11 @@ training, ChatGLM and the VAE are freed, and the steps read only the cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -232,7 +234,8 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
 
     files = [f for f in (text_encoder, vae_file) if f is not None]
     manager = load_model_manager(files, device=device, dtype=dtype)
-    pipe = SDXLImagePipeline.from_model_manager(manager)
+    with contextlib.redirect_stdout(io.StringIO()):  # "Using ... / No ... available" per model kind
+        pipe = SDXLImagePipeline.from_model_manager(manager)
     with torch.no_grad():
         for key, caption in texts.items():
             # the stock trainer's exact call: pipe.encode_prompt(text, positive=True)

@@ -188,3 +188,9 @@ def test_real_size_configs_give_the_checkpoints_diffsynth_recognises() -> None:
     assert known[hash_state_dict_keys(unet.state_dict(), with_shape=True)] == ["sdxl_unet"]
     assert known[hash_state_dict_keys(vae.state_dict(), with_shape=True)] == ["sdxl_vae_encoder", "sdxl_vae_decoder"]
     assert sum(p.numel() for p in unet.parameters()) == 2_579_458_820
+
+
+def test_loading_keeps_diffsynth_chatter_out_of_the_notebook(tiny_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    manager = load_model_manager([tiny_dir / "Kolors/unet/diffusion_pytorch_model.safetensors"])
+    assert "Loading models from" not in capsys.readouterr().out
+    assert "Loading models from" in manager.load_log and manager.model_name == ["sdxl_unet"]
