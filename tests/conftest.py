@@ -17,3 +17,13 @@ from kolors_lib.config import Config, load_config  # noqa: E402
 def tiny_cfg(tmp_path: Path) -> Config:
     """A `tiny` profile config whose work dir is a fresh temporary folder."""
     return load_config(profile="tiny", workdir=tmp_path / "workdir")
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding only the tiny Kolors UNet (`Kolors/unet/`), written once per test session."""
+    from kolors_lib.tiny import write_tiny_unet
+
+    root = tmp_path_factory.mktemp("tiny-unet")
+    write_tiny_unet(root / "Kolors/unet", seed=0)  # the UNet write_tiny_kolors(root, seed=0) writes
+    return root

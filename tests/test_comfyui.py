@@ -232,19 +232,10 @@ def node_mod() -> types.ModuleType:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kolors_lib.tiny import write_tiny_unet
-
-    root = tmp_path_factory.mktemp("tiny")
-    write_tiny_unet(root / "Kolors/unet", seed=0)  # the UNet write_tiny_kolors(root, seed=0) writes
-    return root
-
-
-@pytest.fixture(scope="module")
-def diffsynth_unet(tiny_dir: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def diffsynth_unet(tiny_unet_root: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     from kolors_lib.models import load_model_manager
 
-    manager = load_model_manager([tiny_dir / "Kolors/unet/diffusion_pytorch_model.safetensors"])
+    manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.safetensors"])
     unet = manager.fetch_model("sdxl_unet").eval()
     return unet, {k: v.clone() for k, v in unet.state_dict().items()}
 
@@ -306,11 +297,11 @@ def reference(diffsynth_unet: tuple, lora_files: dict, inputs: tuple) -> dict[fl
 
 
 @pytest.fixture
-def kolors_model(tiny_dir: Path) -> dict:
+def kolors_model(tiny_unet_root: Path) -> dict:
     """Shaped like ComfyUI-KwaiKolorsWrapper's KOLORSMODEL: {"pipeline": <pipeline with .unet>, "dtype": ...}."""
     from diffusers import EulerDiscreteScheduler, KolorsPipeline, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_dir / "Kolors/unet").eval()
+    unet = UNet2DConditionModel.from_pretrained(tiny_unet_root / "Kolors/unet").eval()
     pipeline = KolorsPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
                               scheduler=EulerDiscreteScheduler())
     return {"pipeline": pipeline, "dtype": torch.float32}

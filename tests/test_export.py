@@ -27,7 +27,6 @@ from kolors_lib.export import (
     save_lora,
 )
 from kolors_lib.models import load_model_manager
-from kolors_lib.tiny import write_tiny_unet
 
 patch_torchvision()
 
@@ -38,15 +37,8 @@ META = {"rank": RANK, "alpha": ALPHA, "base_model": "Kwai-Kolors/Kolors", "trigg
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    write_tiny_unet(root / "Kolors/unet", seed=0)  # the UNet write_tiny_kolors(root, seed=0) writes
-    return root
-
-
-@pytest.fixture(scope="module")
-def base_unet(tiny_dir: Path) -> torch.nn.Module:
-    manager = load_model_manager([tiny_dir / "Kolors/unet/diffusion_pytorch_model.safetensors"])
+def base_unet(tiny_unet_root: Path) -> torch.nn.Module:
+    manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.safetensors"])
     return manager.fetch_model("sdxl_unet").eval()
 
 
@@ -129,10 +121,10 @@ def unet(_work_unet: tuple) -> torch.nn.Module:
 
 
 @pytest.fixture
-def diffusers_unet(tiny_dir: Path) -> torch.nn.Module:
+def diffusers_unet(tiny_unet_root: Path) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(tiny_dir / "Kolors/unet").eval()
+    return UNet2DConditionModel.from_pretrained(tiny_unet_root / "Kolors/unet").eval()
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -211,10 +203,10 @@ def test_merge_needs_alpha_for_a_peft_state_dict(unet: torch.nn.Module, trained:
         merge_lora(unet, trained[0], 1.0)
 
 
-def test_diffsynth_own_loader_with_the_matching_lora_alpha(tiny_dir: Path, trained: tuple,
+def test_diffsynth_own_loader_with_the_matching_lora_alpha(tiny_unet_root: Path, trained: tuple,
                                                            inputs: tuple) -> None:
     state, y_ref = trained
-    manager = load_model_manager([tiny_dir / "Kolors/unet/diffusion_pytorch_model.safetensors"])
+    manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.safetensors"])
     assert diffsynth_lora_alpha(1.0, RANK, ALPHA) == ALPHA / RANK
     manager.load_lora("", state_dict=state, lora_alpha=diffsynth_lora_alpha(1.0, RANK, ALPHA))
     close(run_diffsynth(manager.fetch_model("sdxl_unet"), inputs), y_ref)
