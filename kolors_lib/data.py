@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,8 +19,8 @@ from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from kolors_lib.config import Config
+from kolors_lib.files import sha256_file, staged_folder, write_json
 from kolors_lib.hub import hub_endpoint, hub_reachable
-from kolors_lib.viz import font_properties
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -457,55 +455,47 @@ def _modelscope_items(cfg: Config, ds: Any) -> Iterator[_Item]:
 
 def _write_report(dest: Path, source: str, count: int, skipped: list[dict], warns: list[dict]) -> None:
     """Write import_report.json (no timestamps, so re-runs are byte-identical)."""
-    report = {"source": source, "imported": count, "skipped": skipped, "warnings": warns}
-    (dest / REPORT_NAME).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_json({"source": source, "imported": count, "skipped": skipped, "warnings": warns}, dest / REPORT_NAME)
 
 
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Replace `dest` with the finished `tmp` folder (two renames; no half-written dest is ever seen)."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.with_name(f".{dest.name}-old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        dest.rename(old)
-    tmp.rename(dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _import_rows(items: Iterable[_Item], cfg: Config, dest: Path, skipped: list[dict], warns: list[dict],
+                 total: int | None) -> list[dict]:
+    """Import each item into dest/images (up to data.limit); unreadable ones become skips."""
+    limit = cfg.data.limit
+    rows: list[dict] = []
+    with _pil_guard(cfg.data.max_pixels):
+        bar = tqdm(items, total=total, desc="import images", unit="img")
+        for item in bar:
+            if limit is not None and len(rows) >= limit:
+                break
+            stem = f"{len(rows) + 1:05d}"
+            try:
+                rel, width, height, notes = _import_one(item, dest, stem, cfg.data.max_pixels)
+            except _Skip as why:
+                skipped.append({"source": item.source, "reason": str(why)})
+                continue
+            except OSError as err:
+                skipped.append({"source": item.source, "reason": f"cannot read file: {err}"})
+                continue
+            warns.extend(item.notes)
+            warns.extend({"source": item.source, "message": n} for n in notes)
+            caption = item.caption if item.caption is not None else cfg.data.default_caption
+            rows.append({"id": stem, "images": [rel], "text": caption, "source": item.source,
+                         "width": width, "height": height})
+        bar.close()
+    return rows
 
 
 def _run_import(items: Iterable[_Item], cfg: Config, source: str, skipped: list[dict],
                 warns: list[dict], total: int | None) -> ImportResult:
     """Import `items` into a temporary folder beside raw_dir, then swap it in."""
     raw_dir = cfg.raw_dir
-    raw_dir.parent.mkdir(parents=True, exist_ok=True)
     limit = cfg.data.limit
     if limit is not None and limit < 1:
         raise DataError(f"data.limit must be at least 1 (or null for no limit), not {limit}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}-import-", dir=raw_dir.parent))
-    try:
+    with staged_folder(raw_dir) as tmp:
         (tmp / "images").mkdir()
-        rows: list[dict] = []
-        with _pil_guard(cfg.data.max_pixels):
-            bar = tqdm(items, total=total, desc="import images", unit="img")
-            for item in bar:
-                if limit is not None and len(rows) >= limit:
-                    break
-                stem = f"{len(rows) + 1:05d}"
-                try:
-                    rel, width, height, notes = _import_one(item, tmp, stem, cfg.data.max_pixels)
-                except _Skip as why:
-                    skipped.append({"source": item.source, "reason": str(why)})
-                    continue
-                except OSError as err:
-                    skipped.append({"source": item.source, "reason": f"cannot read file: {err}"})
-                    continue
-                warns.extend(item.notes)
-                warns.extend({"source": item.source, "message": n} for n in notes)
-                caption = item.caption if item.caption is not None else cfg.data.default_caption
-                rows.append({"id": stem, "images": [rel], "text": caption, "source": item.source,
-                             "width": width, "height": height})
-            bar.close()
+        rows = _import_rows(items, cfg, tmp, skipped, warns, total)
         if not rows:
             reasons = "; ".join(f"{s['source']}: {s['reason']}" for s in skipped[:5])
             raise DataError(f"no image could be imported from {source}"
@@ -514,10 +504,6 @@ def _run_import(items: Iterable[_Item], cfg: Config, source: str, skipped: list[
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         _write_report(tmp, source, len(rows), skipped, warns)
-        _swap_in(tmp, raw_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ImportResult(raw_dir=raw_dir, count=len(rows), skipped=skipped, warnings=warns, source=source)
 
 
@@ -622,33 +608,9 @@ def show_images(
     paths: list[Path], titles: list[str] | None = None, cols: int = 6, thumb: int = 160
 ) -> Figure:
     """A thumbnail grid of `paths` as a matplotlib Figure (no pyplot, so it works headless)."""
-    from matplotlib.figure import Figure
+    from kolors_lib.pictures import image_grid
 
-    paths = [Path(p) for p in paths]
-    cols = max(1, min(cols, len(paths) or 1))
-    rows = max(1, -(-len(paths) // cols))
-    inch = thumb / 100
-    fig = Figure(figsize=(cols * inch, rows * (inch + 0.3)), dpi=100)
-    if not paths:
-        fig.text(0.5, 0.5, "no images", ha="center", va="center")
-        return fig
-    axes = fig.subplots(rows, cols, squeeze=False)
-    font = font_properties("".join(titles or []))
-    for index, ax in enumerate(axes.flat):
-        ax.set_axis_off()
-        if index >= len(paths):
-            continue
-        title = titles[index] if titles and index < len(titles) else paths[index].name
-        try:
-            with Image.open(paths[index]) as img:
-                img = ImageOps.exif_transpose(img)
-                img.thumbnail((thumb, thumb))
-                ax.imshow(np.asarray(to_rgb(img)[0]))
-        except Exception as err:  # one unreadable file should not hide the rest of the grid
-            ax.text(0.5, 0.5, f"unreadable\n{type(err).__name__}", ha="center", va="center", fontsize=7)
-        ax.set_title(title if len(title) <= 24 else title[:23] + "…", fontsize=7, fontproperties=font)
-    fig.tight_layout()
-    return fig
+    return image_grid(paths, titles, cols=cols, thumb=thumb)
 
 
 # --------------------------------------------------------------------------- the sample set
@@ -817,7 +779,7 @@ def _sample_files(dest: Path, seed: int) -> None:
 
 def _file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every non-hidden file below `folder`, by relative path."""
-    return {rel: hashlib.sha256((folder / rel).read_bytes()).hexdigest() for rel in _walk(folder)}
+    return {rel: sha256_file(folder / rel) for rel in _walk(folder)}
 
 
 def make_sample_images(dest: Path, seed: int = 0) -> Path:
@@ -836,14 +798,8 @@ def make_sample_images(dest: Path, seed: int = 0) -> Path:
     elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise DataError(f"{dest} exists and is not a sample folder made by make_sample_images; "
                         "refusing to overwrite it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with staged_folder(dest) as tmp:
         _sample_files(tmp, seed)
         info = {"seed": seed, "version": _SAMPLE_VERSION, "files": _file_hashes(tmp)}
         (tmp / _SAMPLE_MANIFEST).write_text(json.dumps(info, indent=1, sort_keys=True), encoding="utf-8")
-        _swap_in(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

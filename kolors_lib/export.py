@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 
 from kolors_lib.args import LORA_FORMATS
 from kolors_lib.compat import patch_torchvision
+from kolors_lib.files import save_safetensors
 
 FORMATS = LORA_FORMATS  # one list for the CLI and the converters
 META_JSON_KEYS = "kolors_lib.json_keys"  # metadata entry listing the values stored JSON-encoded
@@ -300,8 +299,6 @@ def _decode_meta(raw: Mapping[str, str]) -> dict[str, Any]:
 
 def save_lora(state_dict: Mapping[str, torch.Tensor], path: str | Path, meta: Mapping[str, Any]) -> Path:
     """Write a LoRA `.safetensors` atomically with string metadata (rank, alpha, format, settings...)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise LoraFormatError(f"{path}: LoRA files are written as .safetensors")
@@ -311,17 +308,7 @@ def save_lora(state_dict: Mapping[str, torch.Tensor], path: str | Path, meta: Ma
         raise LoraFormatError(f"metadata says format {meta['format']!r} but the keys are in {found} naming")
     if found == "diffsynth" and meta.get("alpha") is None:
         raise LoraFormatError("a DiffSynth/peft LoRA needs alpha in its metadata (tensors lack it)")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=_encode_meta(meta))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(state_dict, path, _encode_meta(meta))
 
 
 def _file_kind(path: Path) -> str:

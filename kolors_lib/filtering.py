@@ -30,6 +30,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from kolors_lib.config import Config
+from kolors_lib.files import staged_folder, write_json, write_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -557,24 +558,6 @@ class _Attribution:
 # ---------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
-
-
-def _swap_dir(new: Path, target: Path) -> None:
-    """Put `new` in place of `target` with renames, so readers never see a half-written folder."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -585,12 +568,7 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
 
 def write_train_dir(cfg: Config, kept: list[RawItem]) -> Path:
     """Copy the kept images and write `metadata.csv` into a fresh folder, then swap it in."""
-    cfg.clean_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.clean_dir / f".{cfg.train_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with staged_folder(cfg.train_dir) as tmp:
         names: set[str] = set()
         rows: list[list[Any]] = []
         for it in tqdm(kept, desc="copy kept images", leave=False):
@@ -600,12 +578,7 @@ def write_train_dir(cfg: Config, kept: list[RawItem]) -> Path:
             shutil.copy2(it.path, tmp / name)
             f = cfg.filter
             rows.append([name, build_caption(it.text, f.trigger_word, f.add_tags, f.remove_tags)])
-        csv_text = _csv_text(["file_name", "text"], rows)
-        (tmp / "metadata.csv").write_text(csv_text, encoding="utf-8", newline="")
-        _swap_dir(tmp, cfg.train_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "metadata.csv").write_text(_csv_text(["file_name", "text"], rows), encoding="utf-8", newline="")
     return cfg.train_dir
 
 
@@ -613,10 +586,8 @@ def write_report(clean_dir: Path, report: dict[str, Any]) -> Path:
     """Write `report.json` and `removed.csv` (same rows) atomically."""
     clean_dir.mkdir(parents=True, exist_ok=True)
     rows = [[r[c] for c in REMOVED_COLUMNS] for r in report["removed"]]
-    _atomic_write(clean_dir / "removed.csv", _csv_text(REMOVED_COLUMNS, rows))
-    path = clean_dir / "report.json"
-    _atomic_write(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    return path
+    write_text(clean_dir / "removed.csv", _csv_text(REMOVED_COLUMNS, rows))
+    return write_json(report, clean_dir / "report.json")
 
 
 # ---------------------------------------------------------------- the step
@@ -681,30 +652,9 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
 
 def show_removed(result: FilterResult, cols: int = 6, thumb: int = 160) -> Figure:
     """Thumbnail grid of the removed images, titled with the op and the value that removed them."""
-    from matplotlib.figure import Figure
-    from PIL import Image
+    from kolors_lib.pictures import image_grid
 
-    rows = result.removed
-    ncols = max(1, min(cols, len(rows)))
-    nrows = max(1, -(-len(rows) // ncols))
-    inch = thumb / 100
-    # a bare Figure (no pyplot): works under Agg and is not shown twice in a notebook
-    fig = Figure(figsize=(ncols * inch, nrows * (inch + 0.45)), dpi=100)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    if not rows:
-        axes[0][0].text(0.5, 0.5, "nothing removed", ha="center", va="center")
-        return fig
     raw_dir = Path(result.raw_dir) if result.raw_dir else result.train_dir.parent.parent / "raw"
-    for ax, row in zip(axes.flat, rows, strict=False):
-        try:
-            with Image.open(raw_dir / row["image"]) as im:
-                im = im.convert("RGB")
-                im.thumbnail((thumb, thumb))
-                ax.imshow(im)
-        except OSError:
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
-        ax.set_title(f"{row['id']} {row['op']}\n{row['value']}", fontsize=7)
-    fig.tight_layout()
-    return fig
+    rows = result.removed
+    return image_grid([raw_dir / r["image"] for r in rows], [f"{r['id']} {r['op']}\n{r['value']}" for r in rows],
+                      cols=cols, thumb=thumb, empty="nothing removed")

@@ -24,13 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import hashlib
 import io
 import json
-import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +38,8 @@ import torch
 import yaml
 
 from kolors_lib.config import Config, ConfigError
+from kolors_lib.devices import resolve_device
+from kolors_lib.files import atomic_path, sha256_file, write_json
 from kolors_lib.viz import find_cjk_font
 
 if TYPE_CHECKING:
@@ -199,48 +197,11 @@ def render_settings(cfg: Config, story: Story) -> RenderSettings:
 # ---------------------------------------------------------------- small helpers
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _atomic(path: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success it replaces `path`, on error it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png(image: Image.Image, path: Path) -> Path:
     """Write a PNG atomically."""
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return path
-
-
-def write_json(data: Any, path: Path) -> Path:
-    """Write JSON (UTF-8, readable Chinese) atomically."""
-    with _atomic(path) as tmp:
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
-def resolve_device(device: str) -> str:
-    """`device` when it exists here, else "cpu" (a cuda config on a CPU-only machine)."""
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        return "cpu"
-    return str(device)
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -540,34 +501,16 @@ def panel_captions(scenes: Sequence[Scene], font: Path | None) -> list[str]:
 
 def grid_figure(images: Sequence[Path], captions: Sequence[str], title: str = "", cols: int = 4,
                 font: Path | None = None, thumb: float = 2.4) -> Figure:
-    """A captioned image grid as a matplotlib Figure (no pyplot)."""
-    import numpy as np
-    from matplotlib.figure import Figure
-    from matplotlib.font_manager import FontProperties
-    from PIL import Image
+    """The storyboard's captioned grid (cells `thumb` inches wide) as a matplotlib Figure."""
+    from kolors_lib.pictures import image_grid
 
-    cols = max(1, min(cols, len(images)))
-    rows = max(1, math.ceil(len(images) / cols))
-    props = FontProperties(fname=str(font)) if font is not None else None
-    fig = Figure(figsize=(cols * thumb, rows * (thumb + 0.35) + (0.4 if title else 0)), dpi=100)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for index, ax in enumerate(axes.flat):
-        ax.set_axis_off()
-        if index >= len(images):
-            continue
-        with Image.open(images[index]) as img:
-            ax.imshow(np.asarray(img.convert("RGB")))
-        caption = captions[index] if index < len(captions) else Path(images[index]).name
-        ax.set_title(caption if len(caption) <= 22 else caption[:21] + "…", fontsize=9, fontproperties=props)
-    if title:
-        fig.suptitle(title, fontproperties=props, fontsize=12)
-    fig.tight_layout()
-    return fig
+    return image_grid(images, captions, cols=cols, thumb=round(thumb * 100), title=title, font=font,
+                      fontsize=9, max_chars=22)
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
     """Save a Figure as PNG, atomically."""
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
 

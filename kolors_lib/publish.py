@@ -27,8 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 
 from kolors_lib.args import NAME_HINT
 from kolors_lib.config import PROJECT_ROOT, Config, ConfigError, load_config
+from kolors_lib.files import staged_folder
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 TOKEN_PAGE = "https://modelscope.cn/my/myaccesstoken"
@@ -389,22 +388,6 @@ def _export(lora: Path, stage: Path, previous: Path) -> tuple[dict[str, Any], in
     return meta, rank, alpha
 
 
-def _swap_in(stage: Path, dest: Path) -> None:
-    """Replace folder `dest` by `stage` with two renames (the old one is removed afterwards)."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(dest, old)
-    try:
-        os.replace(stage, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 COMFYUI_NODE = PROJECT_ROOT / "comfyui" / "kolors_story_lora"
 
 
@@ -423,9 +406,7 @@ def assemble(cfg: Config, repo_id: str) -> Path:
     repo_id = validate_repo_id(repo_id)
     inputs = _check_inputs(cfg)
     dest = cfg.publish_dir
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
+    with staged_folder(dest) as stage:
         meta, rank, alpha = _export(inputs.lora, stage, dest)
         samples = stage / "samples"
         samples.mkdir()
@@ -441,11 +422,6 @@ def assemble(cfg: Config, repo_id: str) -> Path:
         for name, text in files.items():
             (stage / name).write_text(text, encoding="utf-8")
         _add_comfyui(cfg, stage)
-        stage.chmod(0o755)  # mkdtemp makes it 0700
-        _swap_in(stage, dest)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return dest
 
 

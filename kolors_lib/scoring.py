@@ -22,8 +22,6 @@ import argparse
 import contextlib
 import csv
 import io
-import json
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from kolors_lib.config import Config, ConfigError, load_config
+from kolors_lib.devices import resolve_device
+from kolors_lib.files import write_json, write_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -228,14 +228,6 @@ def _read_image(path: Path) -> Image.Image:
         raise ValueError(f"cannot decode as an image: {err}") from None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
-
-
 def _csv_text(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -250,20 +242,12 @@ def write_scores(result: ScoreResult, dest: Path) -> tuple[Path, Path]:
     """Write `scores.csv` and `scores.json` into `dest` atomically; return their paths."""
     dest = Path(dest)
     csv_path, json_path = dest / "scores.csv", dest / "scores.json"
-    _atomic_write(csv_path, _csv_text(result.rows()))
-    _atomic_write(json_path, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    write_text(csv_path, _csv_text(result.rows()))
+    write_json(result.to_dict(), json_path)
     return csv_path, json_path
 
 
 # ---------------------------------------------------------------- model
-
-
-def _device(cfg: Config, device: str | None) -> str:
-    """`device`, else the config's; CUDA falls back to CPU when there is none (tiny runs anywhere)."""
-    import torch
-
-    name = str(device or cfg.device or "cpu")
-    return "cpu" if name.startswith("cuda") and not torch.cuda.is_available() else name
 
 
 def load_predictor(folder: Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
@@ -325,7 +309,7 @@ def score_folder(
     if not any(is_panel(n, non_panel) for n in images):
         raise ScoreError(f"no panel images in {folder}: only non-panel files {', '.join(images)}")
     model_folder = resolve_model(cfg, "aesthetic")
-    dev = _device(cfg, device)
+    dev = resolve_device(device or cfg.device)
     model, processor = load_predictor(model_folder, dev)
 
     scores: dict[str, float] = {}

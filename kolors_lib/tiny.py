@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kolors_lib.compat import patch_torchvision
+from kolors_lib.files import staged_folder, write_json
 
 # Kwai-Kolors/Kolors unet/config.json (the keys our builders read, plus what diffusers needs)
 KOLORS_UNET_CONFIG: dict[str, Any] = {
@@ -312,11 +313,6 @@ def sized_class(kind: str, config: dict[str, Any]) -> type:
 # ---------------------------------------------------------------- writing to disk
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _save_diffusers(model: torch.nn.Module, folder: Path, config: dict[str, Any]) -> None:
     """Write `config.json` + `diffusion_pytorch_model.safetensors` as diffusers does."""
     from safetensors.torch import save_file
@@ -324,7 +320,7 @@ def _save_diffusers(model: torch.nn.Module, folder: Path, config: dict[str, Any]
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    _write_json(folder / "config.json", config)
+    write_json(config, folder / "config.json")
 
 
 def _tokenizer_dir() -> Path:
@@ -369,7 +365,7 @@ def write_tiny_chatglm(folder: Path, seed: int) -> None:
                 param.fill_(1.0)
     model.save_pretrained(folder, safe_serialization=False, max_shard_size="8MB")
     config = json.loads((folder / "config.json").read_text())
-    _write_json(folder / "config.json", {**cfg, **{k: v for k, v in config.items() if k in cfg}})
+    write_json({**cfg, **{k: v for k, v in config.items() if k in cfg}}, folder / "config.json")
     for file in sorted(_tokenizer_dir().iterdir()):
         shutil.copy2(file, folder / file.name)
 
@@ -398,21 +394,16 @@ def write_tiny_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) 
             "clip_vision": TINY_CLIP_VISION}
     if marker.exists() and not overwrite and json.loads(marker.read_text()) == info:
         return out
-    tmp = dest.parent / f".{dest.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    kolors = tmp / "Kolors"
-    _write_json(kolors / "model_index.json", KOLORS_MODEL_INDEX)
-    _write_json(kolors / "scheduler" / "scheduler_config.json", KOLORS_SCHEDULER)
-    write_tiny_unet(kolors / "unet", seed)
-    write_tiny_vae(kolors / "vae", seed + 1)
-    write_tiny_chatglm(kolors / "text_encoder", seed + 2)
-    shutil.copytree(_tokenizer_dir(), kolors / "tokenizer")
-    write_tiny_vae(tmp / "sdxl-vae-fp16-fix", seed + 3)
-    write_tiny_aesthetic(tmp / "aesthetics-predictor", seed + 4)
-    _write_json(tmp / "tiny-kolors.json", info)
     # swap in whole, so a half-written model folder is never picked up
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(dest)
+    with staged_folder(dest) as tmp:
+        kolors = tmp / "Kolors"
+        write_json(KOLORS_MODEL_INDEX, kolors / "model_index.json")
+        write_json(KOLORS_SCHEDULER, kolors / "scheduler" / "scheduler_config.json")
+        write_tiny_unet(kolors / "unet", seed)
+        write_tiny_vae(kolors / "vae", seed + 1)
+        write_tiny_chatglm(kolors / "text_encoder", seed + 2)
+        shutil.copytree(_tokenizer_dir(), kolors / "tokenizer")
+        write_tiny_vae(tmp / "sdxl-vae-fp16-fix", seed + 3)
+        write_tiny_aesthetic(tmp / "aesthetics-predictor", seed + 4)
+        write_json(info, tmp / "tiny-kolors.json")
     return out

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -31,6 +30,9 @@ import torch
 
 from kolors_lib.compat import patch_torchvision
 from kolors_lib.config import Config, LoraConfig
+from kolors_lib.devices import resolve_device
+from kolors_lib.files import atomic_path, save_safetensors, save_torch, write_text
+from kolors_lib.pictures import side_by_side
 
 patch_torchvision()  # lightning imports torchvision (via torchmetrics); must come first
 
@@ -102,12 +104,6 @@ def model_dtype(precision: str, device: str) -> torch.dtype:
     return torch.bfloat16 if str(precision).startswith("bf16") else torch.float16
 
 
-def cache_device(cfg: Config) -> str:
-    """Where the encoders run: cfg.device when it exists on this machine, else CPU."""
-    dev = str(cfg.device)
-    return dev if not dev.startswith("cuda") or torch.cuda.is_available() else "cpu"
-
-
 @dataclass
 class Sample:
     """One training image: its caption and cache keys."""
@@ -160,15 +156,6 @@ def load_image_tensor(path: Path, resolution: int, center_crop: bool, seed: int)
     return transforms.Normalize([0.5], [0.5])(tensor)
 
 
-def _save_atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def _free(*objs: Any) -> None:
     """Drop references and give the memory back (CUDA cache too)."""
     del objs
@@ -197,7 +184,7 @@ def build_cache(cfg: Config, extra_prompts: Sequence[str] = ()) -> CacheReport:
     samples = read_metadata(cfg.train_dir)
     paths = kolors_paths(cfg)
     vae_file = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
-    device = cache_device(cfg)
+    device = resolve_device(cfg.device)
     dtype = model_dtype(cfg.train.precision, device)
     te_id, vae_id = model_identity(paths.text_encoder), model_identity(vae_file)
     crop = "center" if cfg.train.center_crop else f"fixed-random-{cfg.seed}"
@@ -219,8 +206,7 @@ def build_cache(cfg: Config, extra_prompts: Sequence[str] = ()) -> CacheReport:
                 todo_text, todo_img, device, dtype, root, crop, te_id, vae_id)
     index = [{"file_name": s.file_name, "text": s.text, "text_key": s.text_key, "image_key": s.image_key}
              for s in samples]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_text(root / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
     return report
 
 
@@ -240,7 +226,7 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
         for key, caption in texts.items():
             # the stock trainer's exact call: pipe.encode_prompt(text, positive=True)
             emb = pipe.encode_prompt([caption], positive=True)
-            _save_atomic_safetensors({"encoder_hidden_states": emb["encoder_hidden_states"][0],
+            save_safetensors({"encoder_hidden_states": emb["encoder_hidden_states"][0],
                                       "add_text_embeds": emb["add_text_embeds"][0]},
                                      root / "text" / f"{key}.safetensors",
                                      {"caption": caption, "encoder": te_id, "dtype": str(dtype)})
@@ -253,7 +239,7 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
             if cfg.train.random_flip:
                 # the VAE is not exactly flip-equivariant: encode the mirrored image too
                 tensors["latents_flipped"] = latents[1]
-            _save_atomic_safetensors(tensors, root / "latents" / f"{key}.safetensors",
+            save_safetensors(tensors, root / "latents" / f"{key}.safetensors",
                                      {"file_name": s.file_name, "resolution": str(cfg.resolution),
                                       "crop": crop, "vae": vae_id, "dtype": str(dtype)})
     pipe.text_encoder_kolors = pipe.vae_encoder = pipe.prompter.text_encoder = None
@@ -460,11 +446,8 @@ def list_checkpoints(cfg: Config) -> list[Path]:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temp file then os.replace, so a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save atomically, so a crash never leaves a half-written checkpoint."""
+    save_torch(state, path)
 
 
 def lora_metadata(cfg: Config, step: int, base_model: str = "Kwai-Kolors/Kolors") -> dict[str, str]:
@@ -616,7 +599,7 @@ class _Validator:
         from kolors_lib.models import load_model_manager, resolve_model
 
         vae = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
-        self.device = cache_device(cfg)
+        self.device = resolve_device(cfg.device)
         self.decoder = load_model_manager([vae], device=self.device).fetch_model("sdxl_vae_decoder")
         self.prompts = list(cfg.train.validation_prompts)
         self.texts = [load_text(report.root, report.validation_keys[p]) for p in self.prompts]
@@ -653,14 +636,9 @@ class _Validator:
             array = ((pixels.permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).numpy()
             tiles.append(Image.fromarray(array))
         unet.train(was_training)
-        grid = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)))
-        x = 0
-        for tile in tiles:
-            grid.paste(tile, (x, 0))
-            x += tile.width
         path = self.out_dir / f"step-{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        with atomic_path(path) as tmp:
+            side_by_side(tiles).save(tmp, format="PNG")
         self.images.append(path)
         return path
 
@@ -722,7 +700,7 @@ def _truncate_loss_csv(path: Path, upto: int) -> None:
 
 def save_lora(module: KolorsLoraModule, path: Path, metadata: dict[str, str]) -> Path:
     """Write the LoRA (DiffSynth/peft key names, fp32) as safetensors, atomically."""
-    _save_atomic_safetensors(module.lora_state_dict(), path, metadata)
+    save_safetensors(module.lora_state_dict(), path, metadata)
     return path
 
 

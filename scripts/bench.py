@@ -212,7 +212,8 @@ def _write_real_kolors(root: Path, dtype) -> Path:  # noqa: ANN001
     """Real-size random Kolors in the checkpoint layout, so generation runs the real loading path."""
     from safetensors.torch import save_file
 
-    from kolors_lib.tiny import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, _tokenizer_dir, _write_json
+    from kolors_lib.files import write_json
+    from kolors_lib.tiny import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, _tokenizer_dir
 
     kolors = root / "Kolors"
     if (kolors / "done").exists():
@@ -230,7 +231,7 @@ def _write_real_kolors(root: Path, dtype) -> Path:  # noqa: ANN001
         (kolors / sub).mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                   str(kolors / sub / "diffusion_pytorch_model.safetensors"))
-        _write_json(kolors / sub / "config.json", cfg)
+        write_json(cfg, kolors / sub / "config.json")
         del model
     chatglm = real_chatglm(dtype, "cpu")
     chatglm.save_pretrained(kolors / "text_encoder", safe_serialization=True, max_shard_size="4GB")

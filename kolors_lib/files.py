@@ -1,0 +1,153 @@
+"""Writing files safely: atomic writes with normal permissions, folder swaps, hashes, JSON.
+
+Every output of the course goes through here, so a crash or Ctrl-C never leaves a half-written
+file or folder where a later step (or a learner) would read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Permissions a plain `open(path, "w")` would give: 0666 minus the umask (0644 usually)."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """Permissions a plain `mkdir` would give: 0777 minus the umask (0755 usually)."""
+    return 0o777 & ~_umask()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed.
+
+    mkstemp makes the file 0600; it gets the permissions a normal write would have given.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text atomically (newlines written as given)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    """Write JSON (UTF-8, Chinese kept readable, indent 2, final newline) atomically."""
+    return write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors (moved to CPU, contiguous) as .safetensors atomically."""
+    from safetensors.torch import save_file
+
+    # clone: safetensors refuses tensors that share storage (views of one buffer)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp), metadata=dict(metadata) if metadata else None)
+    return Path(path)
+
+
+def save_torch(state: Any, path: str | Path) -> Path:
+    """torch.save atomically (checkpoints: a crash never leaves a half-written one)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def swap_folder(new: str | Path, target: str | Path) -> Path:
+    """Put the finished folder `new` in place of `target` with renames; the old one is removed after.
+
+    Readers never see a half-written `target`; if the second rename fails the old folder is put back.
+    """
+    new, target = Path(new), Path(target)
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.rmdir(old)
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty folder beside `target`; on success it replaces `target`, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield stage
+        stage.chmod(folder_mode())  # mkdtemp makes it 0700
+        swap_folder(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def move_aside(path: str | Path, label: str = "old") -> Path | None:
+    """Rename `path` to a free `<name>.<label>-N` beside it (never deletes); returns the new path or None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    n = 1
+    while (dest := path.with_name(f"{path.name}.{label}-{n}")).exists():
+        n += 1
+    os.replace(path, dest)
+    return dest
