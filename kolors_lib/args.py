@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kolors_lib.config import PROFILES
-
-LORA_FORMATS = ("diffsynth", "diffusers", "kohya")
-NAME_HINT = "队伍名称-可图Kolors训练-xxx"  # the challenge's model-name style
+from kolors_lib.config import LORA_FORMATS, NAME_HINT, PROFILES
 
 
 def _parser(parser: argparse.ArgumentParser | None, command: str, description: str) -> argparse.ArgumentParser:
@@ -36,7 +33,8 @@ def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start afresh")
+    p.add_argument("--no-resume", action="store_true",
+                   help="ignore existing checkpoints and start afresh (they are moved aside, not deleted)")
     return p
 
 

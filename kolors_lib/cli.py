@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,8 @@ from kolors_lib.args import (
     build_storyboard_parser,
     build_train_parser,
 )
-from kolors_lib.config import Config, ConfigError, load_config, read_yaml
+from kolors_lib.config import Config, load_config, read_yaml
+from kolors_lib.errors import ConfigError, CourseError, PublishError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(imp)
     filt = data_sub.add_parser("filter", help="clean <workdir>/data/raw with Data-Juicer into DiffSynth's layout")
     add_common(filt)
+    filt.add_argument("--recipe", type=Path, default=None,
+                      help="Data-Juicer recipe YAML (default: filter.recipe, configs/data_juicer.yaml)")
     filt.add_argument("--executor", choices=("default", "ray"), default=None,
                       help="Data-Juicer executor (ray: same recipe on a local Ray cluster)")
 
@@ -63,49 +67,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
-    """The course config; a `--config` that is a Data-Juicer recipe is returned separately."""
-    recipe = None
-    path = args.config
-    if path is not None and "process" in read_yaml(path):
-        recipe, path = path.resolve(), None
-    return load_config(path, profile=args.profile, workdir=args.workdir), recipe
+def _config(args: argparse.Namespace) -> Config:
+    """The course config named by --config/--profile/--workdir."""
+    if args.config is not None and "process" in read_yaml(args.config):
+        raise ConfigError(f"{args.config} is a Data-Juicer recipe, not a course config: pass it with --recipe")
+    return load_config(args.config, profile=args.profile, workdir=args.workdir)
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "tiny-kolors":
-        from kolors_lib.tiny import write_tiny_kolors
+def _tiny_kolors(args: argparse.Namespace) -> int:
+    from kolors_lib.tiny import write_tiny_kolors
 
-        out = write_tiny_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
-        print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
-        return 0
-    if args.command == "train":
-        from kolors_lib.training import run_train
+    out = write_tiny_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
+    print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
+    return 0
 
-        return run_train(args)
-    if args.command == "publish":
-        from kolors_lib.publish import run_publish
 
-        return run_publish(args)
-    if args.command == "storyboard":
-        from kolors_lib.generation import run_storyboard
+def _models(args: argparse.Namespace) -> int:
+    from kolors_lib.models import resolve_model
 
-        return run_storyboard(args)
-    if args.command == "score":
-        from kolors_lib.scoring import run_score
+    cfg = _config(args)
+    print(json.dumps({k: str(resolve_model(cfg, k)) for k in ("kolors", "vae_fp16_fix", "aesthetic")}, indent=2))
+    return 0
 
-        return run_score(args)
-    if args.command == "export-lora":
-        from kolors_lib.export import export_lora
 
-        print(export_lora(args.src, args.fmt, args.dest, alpha=args.alpha))
-        return 0
-    cfg, recipe = _config(args)
-    if args.command == "models":
-        from kolors_lib.models import resolve_model
-
-        print(json.dumps({k: str(resolve_model(cfg, k)) for k in ("kolors", "vae_fp16_fix", "aesthetic")}, indent=2))
-        return 0
+def _data(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     if args.data_command == "import":
         from kolors_lib.data import import_dataset
 
@@ -116,23 +102,77 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from kolors_lib.filtering import filter_dataset
 
-    result = filter_dataset(cfg, recipe=recipe, executor=args.executor)
+    result = filter_dataset(cfg, recipe=args.recipe, executor=args.executor)
     print(f"kept {result.kept} images in {result.train_dir}; report: {result.report_path}")
     for op in result.ops:
         print(f"  {op['op']}: removed {op['removed']}")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run one command; known errors end with a one-line message and exit code 2."""
-    args = parse_args(argv)
-    from kolors_lib.data import DataError
-    from kolors_lib.export import LoraError
-    from kolors_lib.filtering import FilterError
-    from kolors_lib.models import ModelUnavailableError
+def _train(args: argparse.Namespace) -> int:
+    from kolors_lib.training import train_lora
 
+    result = train_lora(_config(args), resume=not args.no_resume, steps=args.steps, rank=args.rank,
+                        alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        precision=args.precision, resolution=args.resolution, seed=args.seed,
+                        save_every=args.save_every)
+    last = result.losses[-1][1] if result.losses else float("nan")
+    print(f"trained {result.steps} steps (resumed from {result.resumed_from}) in {result.seconds:.1f} s, "
+          f"final loss {last:.4f}\nLoRA: {result.lora_path}\nloss log: {result.loss_csv}")
+    return 0
+
+
+def _storyboard(args: argparse.Namespace) -> int:
+    from kolors_lib.generation import render_storyboard, strength_sweep
+
+    cfg = _config(args)
+    result = render_storyboard(cfg, args.story, args.strength, args.lora)
+    print(f"storyboard: {result.grid}")
+    print(f"manifest: {result.manifest}")
+    if args.sweep:
+        print(f"sweep: {strength_sweep(cfg, 0, story_path=args.story, lora_path=args.lora)}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    """Exit 0 on PASS and on FAIL (a low score is a result, printed clearly), 1 on FAIL with --strict."""
+    from kolors_lib.scoring import score_folder
+
+    result = score_folder(_config(args), args.dir, device=args.device, gate=args.gate)
+    print(result)
+    print(f"report: {result.csv_path} and {result.json_path}")
+    return 1 if args.strict and not result.passed else 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    """Without --dry-run the token must be in $MODELSCOPE_API_TOKEN (never an argument)."""
+    from kolors_lib.publish import TOKEN_ENV, TOKEN_PAGE, publish, validate_repo_id
+
+    repo_id = validate_repo_id(args.repo_id)
+    if not args.dry_run and not os.environ.get(TOKEN_ENV, "").strip():
+        raise PublishError(f"no token: uploading needs the environment variable {TOKEN_ENV} (an access token "
+                           f"with write permission from {TOKEN_PAGE}, e.g. export {TOKEN_ENV}=...); add "
+                           "--dry-run to only see what would be uploaded")
+    print(publish(_config(args), repo_id, dry_run=args.dry_run, private=args.private))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kolors_lib.export import export_lora
+
+    print(export_lora(args.src, args.fmt, args.dest, alpha=args.alpha))
+    return 0
+
+
+COMMANDS = {"tiny-kolors": _tiny_kolors, "models": _models, "data": _data, "train": _train,
+            "storyboard": _storyboard, "score": _score, "publish": _publish, "export-lora": _export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The one dispatcher: run one command; a CourseError ends with one line `error: ...` and exit code 2."""
+    args = parse_args(argv)
     try:
-        return _run(args)
-    except (ConfigError, DataError, FilterError, ModelUnavailableError, LoraError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return COMMANDS[args.command](args)
+    except CourseError as err:
+        print(f"error: {err.one_line()}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kolors_lib.config import Config
+from kolors_lib.errors import LoraNotFoundError, WorkflowError
 
 WORKFLOW_VERSION = 0.4
 STORY_NODE = "KolorsStoryLoRA"
@@ -32,10 +33,6 @@ SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMS
               "DPMSolverMultistepScheduler_SDE_karras", "UniPCMultistepScheduler", "DEISMultistepScheduler")
 SEED_CONTROL = ("fixed", "increment", "decrement", "randomize")  # the front end's extra widget after a seed
 STRENGTH_MEANING = "1.0 = the training scale alpha/rank: W += strength * alpha/rank * B*A"
-
-
-class WorkflowError(ValueError):
-    """A workflow that cannot be written as asked."""
 
 
 # ---------------------------------------------------------------- what each node type declares
@@ -360,7 +357,7 @@ def write_workflow(cfg: Config, lora_file: Path, dest: Path, scene_index: int = 
 
     lora_file, dest = Path(lora_file), Path(dest)
     if not lora_file.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {lora_file} (export it first: export_lora)")
+        raise LoraNotFoundError(f"LoRA file not found: {lora_file} (export it first: export_lora)")
     story = load_story(story_path or cfg.generate.story)
     if not 0 <= scene_index < len(story.scenes):
         raise WorkflowError(f"scene_index {scene_index} is outside 0..{len(story.scenes) - 1}")

@@ -12,14 +12,25 @@ from typing import Any
 
 import yaml
 
+from kolors_lib.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 PROFILES = ("full", "tiny", "auto")
+LORA_FORMATS = ("diffsynth", "diffusers", "kohya")  # the LoRA namings export-lora writes
+NAME_HINT = "队伍名称-可图Kolors训练-xxx"  # the challenge's model-name style
+# file names every step agrees on (read them through the Config properties below)
+LORA_FILE = "kolors_lora.safetensors"
+MANIFEST_FILE = "manifest.json"
+GRID_FILE = "storyboard.png"
+SCORES_CSV, SCORES_JSON = "scores.csv", "scores.json"
+N_PANELS = 8
 
 
-class ConfigError(ValueError):
-    """A configuration file or value that cannot be used."""
+def panel_file(number: int) -> str:
+    """File name of panel `number` (1-based): panel_01.png ... panel_08.png."""
+    return f"panel_{number:02d}.png"
 
 
 @dataclass
@@ -177,6 +188,36 @@ class Config:
         return self.workdir / "publish"
 
     @property
+    def lora_path(self) -> Path:
+        """The trained LoRA that step 03 writes and steps 04-06 read."""
+        return self.lora_dir / LORA_FILE
+
+    @property
+    def loss_csv(self) -> Path:
+        """The training loss log (step,loss)."""
+        return self.lora_dir / "loss.csv"
+
+    @property
+    def manifest_path(self) -> Path:
+        """Step 04's manifest: everything needed to re-render a panel."""
+        return self.storyboard_dir / MANIFEST_FILE
+
+    @property
+    def grid_path(self) -> Path:
+        """Step 04's captioned grid of the panels."""
+        return self.storyboard_dir / GRID_FILE
+
+    @property
+    def panel_paths(self) -> list[Path]:
+        """The storyboard's panel files, in story order."""
+        return [self.storyboard_dir / panel_file(i) for i in range(1, N_PANELS + 1)]
+
+    @property
+    def scores_json(self) -> Path:
+        """Step 05's report."""
+        return self.scores_dir / SCORES_JSON
+
+    @property
     def models_dir(self) -> Path:
         """Downloaded or generated model files."""
         return self.workdir / "models"
@@ -286,13 +327,72 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+_SECTIONS = {"models": ModelsConfig, "data": DataConfig, "filter": FilterConfig, "lora": LoraConfig,
+             "train": TrainConfig, "generate": GenerateConfig, "score": ScoreConfig}
+
+
+def nest_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Overrides as a nested dict; dotted keys ("train.steps": 5) and nested dicts both work.
+
+    Unknown names raise a ConfigError that names the override (not a config file).
+    """
+    nested: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        parts = str(key).split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    for name, value in nested.items():
+        section = _SECTIONS.get(name)
+        if section is None and name not in {f.name for f in dataclasses.fields(Config)}:
+            raise ConfigError(f"override {name!r}: no such setting (known: {', '.join(_override_names())})")
+        if section is not None and section is not ModelsConfig:
+            if not isinstance(value, dict):
+                raise ConfigError(f"override {name!r}: expected a mapping of {name}.* settings")
+            known = {f.name for f in dataclasses.fields(section)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ConfigError(f"override '{name}.{unknown[0]}': no such setting (known under {name}: "
+                                  f"{', '.join(sorted(known))})")
+    return nested
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | None) -> Config:
+    """A copy of a loaded `cfg` with overrides, by the same rules as load_config (None values are skipped)."""
+    cfg = copy.deepcopy(cfg)
+    _set_fields(cfg, nest_overrides({k: v for k, v in (overrides or {}).items() if v is not None}))
+    return cfg
+
+
+def _set_fields(obj: Any, values: dict[str, Any]) -> None:
+    """Set dataclass fields from a nested dict, recursing into nested dataclasses (sections, models)."""
+    for name, value in values.items():
+        current = getattr(obj, name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            _set_fields(current, value)
+        else:
+            setattr(obj, name, value)
+
+
+def _override_names() -> list[str]:
+    plain = [f.name for f in dataclasses.fields(Config) if f.name not in _SECTIONS
+             and f.name not in ("profile", "source_file")]
+    return sorted(plain + [f"{s}.*" for s in _SECTIONS])
+
+
 def load_config(
     path: str | Path | None = None,
     profile: str = "auto",
     workdir: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Load `path` (default configs/default.yaml), apply a profile and overrides."""
+    """Load `path` (default configs/default.yaml), apply a profile, then `overrides` (see nest_overrides).
+
+    The one override route: every setting can be changed by a nested dict ({"train": {"steps": 5}}) or a
+    dotted key ({"train.steps": 5}); a wrong name fails with an error naming the override.
+    """
+    overrides = nest_overrides(overrides)
     path = Path(path) if path else DEFAULT_CONFIG
     raw = read_yaml(path)
     # a user's config file only needs the keys it changes
@@ -303,7 +403,7 @@ def load_config(
     if name not in profiles and name != "full":
         raise ConfigError(f"{path}: profile {name!r} is not defined under 'profiles'")
     merged = deep_merge(raw, profiles.get(name) or {})
-    merged = deep_merge(merged, overrides or {})
+    merged = deep_merge(merged, overrides)
     return _from_dict(merged, name, path.resolve().parent, workdir, path)
 
 

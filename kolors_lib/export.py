@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,9 @@ from typing import Any
 
 import torch
 
-from kolors_lib.args import LORA_FORMATS
 from kolors_lib.compat import patch_torchvision
+from kolors_lib.config import LORA_FORMATS
+from kolors_lib.errors import LoraFormatError, LoraMismatchError, LoraNotFoundError
 from kolors_lib.files import save_safetensors
 
 FORMATS = LORA_FORMATS  # one list for the CLI and the converters
@@ -47,18 +47,6 @@ _DIFFUSERS = re.compile(r"^unet\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _KOHYA = re.compile(r"^lora_unet_(?P<module>[^.]+)\.(?:lora_(?P<part>down|up)\.weight|(?P<alpha>alpha))$")
 _PATTERNS = {"diffsynth": _DIFFSYNTH, "diffusers": _DIFFUSERS, "kohya": _KOHYA}
 _MAX_LISTED = 20
-
-
-class LoraError(ValueError):
-    """A LoRA file or state dict that cannot be used as asked."""
-
-
-class LoraFormatError(LoraError):
-    """Not a LoRA file we can read, or keys in no known naming."""
-
-
-class LoraMismatchError(LoraError):
-    """A LoRA that does not fit the model: missing or unexpected keys, wrong shapes."""
 
 
 @dataclass
@@ -96,7 +84,7 @@ def module_map() -> dict[str, str]:
     from diffsynth.models.sdxl_unet import SDXLUNetStateDictConverter
     from diffusers import UNet2DConditionModel
 
-    from kolors_lib.tiny import KOLORS_UNET_CONFIG
+    from kolors_lib.architecture import KOLORS_UNET_CONFIG
 
     with torch.device("meta"):
         config = {k: v for k, v in KOLORS_UNET_CONFIG.items() if not k.startswith("_")}
@@ -329,7 +317,8 @@ def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
+        raise LoraNotFoundError(f"LoRA file not found: {path}: train one (step 03) or give the path of an "
+                                "existing .safetensors")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             raw = fh.metadata() or {}
@@ -338,6 +327,39 @@ def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise LoraFormatError(f"{path}: cannot read as safetensors, {_file_kind(path)} ({err}); this loader "
                               f"only reads .safetensors, it never unpickles files") from None
     return state, _decode_meta(raw)
+
+
+@dataclass
+class LoraSpec:
+    """A LoRA file parsed once: tensors, metadata, pairs, rank, alpha and hash; every consumer takes this."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    pairs: dict[str, LoraPair]
+    rank: int
+    alpha: float
+    sha256: str
+
+    @property
+    def scale(self) -> float:
+        """The training scale alpha/rank (strength 1.0)."""
+        return self.alpha / self.rank
+
+
+def read_lora_spec(path: str | Path, alpha: float | None = None, fallback_alpha: float | None = None) -> LoraSpec:
+    """Read and parse a LoRA file once. alpha: given, else the file's metadata, else `fallback_alpha`."""
+    from kolors_lib.files import sha256_file
+
+    path = Path(path)
+    state, meta = load_lora(path)
+    if alpha is None and meta.get("alpha") is None:
+        alpha = fallback_alpha
+    if alpha is not None:
+        meta = {**meta, "alpha": float(alpha)}
+    pairs = parse_lora(state, meta)
+    rank, nominal_alpha = _nominal(pairs, meta)
+    return LoraSpec(path.resolve(), state, meta, pairs, rank, nominal_alpha, sha256_file(path))
 
 
 def export_lora(src: str | Path, fmt: str, dest: str | Path, alpha: float | None = None) -> Path:
@@ -387,15 +409,20 @@ def check_lora_fits(model: torch.nn.Module, pairs: Mapping[str, LoraPair]) -> No
         raise LoraMismatchError("LoRA does not fit the UNet; " + "; ".join(problems))
 
 
-def merge_lora(unet: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], strength: float = 1.0,
+def merge_lora(unet: torch.nn.Module, state_dict: Mapping[str, torch.Tensor] | LoraSpec, strength: float = 1.0,
                alpha: float | None = None, meta: Mapping[str, Any] | None = None) -> int:
     """Merge a LoRA into DiffSynth's UNet in place, W += strength·(alpha/rank)·B·A; returns modules merged.
 
-    Any naming is accepted; a DiffSynth/peft state dict needs `alpha` (or `meta` holding it). Unlike
+    Any naming, or a parsed LoraSpec, is accepted; a DiffSynth/peft state dict needs `alpha` (or `meta`). Unlike
     DiffSynth's loader (strict=False), a LoRA that does not fit raises LoraMismatchError.
     """
-    pairs = parse_lora(state_dict, meta, alpha)
+    pairs = state_dict.pairs if isinstance(state_dict, LoraSpec) else parse_lora(state_dict, meta, alpha)
     check_lora_fits(unet, pairs)
+    return merge_pairs(unet, pairs, strength)
+
+
+def merge_pairs(unet: torch.nn.Module, pairs: Mapping[str, LoraPair], strength: float) -> int:
+    """W += strength·scale·B·A for already parsed and checked pairs; returns modules merged."""
     params = dict(unet.named_parameters())
     buffers = dict(unet.named_buffers())
     with torch.no_grad():
@@ -404,20 +431,3 @@ def merge_lora(unet: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], st
             delta = float(strength) * pair.delta().to(weight.device)
             weight.copy_((weight.float() + delta).to(weight.dtype))
     return len(pairs)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def main_export(argv: Sequence[str] | None = None) -> int:
-    """`export-lora` entry point: convert, print the written path; 2 with a message on error."""
-    from kolors_lib.args import build_export_parser
-
-    args = build_export_parser().parse_args(argv)
-    try:
-        out = export_lora(args.src, args.fmt, args.dest, alpha=args.alpha)
-    except (LoraError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0

@@ -21,12 +21,10 @@ captions) and manifest.json (everything needed to re-render a panel, see `reprod
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import io
 import json
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,163 +33,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 
-from kolors_lib.config import Config, ConfigError
+from kolors_lib.config import GRID_FILE, LORA_FILE, MANIFEST_FILE, Config, panel_file
 from kolors_lib.devices import resolve_device
+from kolors_lib.errors import LoraNotFoundError, MissingInputError, StoryError
 from kolors_lib.files import atomic_path, sha256_file, write_json
+from kolors_lib.story import (
+    SIZE_MULTIPLE,
+    RenderSettings,
+    Scene,
+    Story,
+    load_story,
+    render_settings,
+    with_trigger,
+)
 from kolors_lib.viz import find_cjk_font
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
-N_SCENES = 8
-SIZE_MULTIPLE = 64  # DiffSynth's SDXL/Kolors pipeline rounds height/width up to multiples of 64
-STORY_KEYS = ("title", "negative", "cfg_scale", "steps", "width", "height", "scenes")
-SCENE_KEYS = ("scene", "prompt", "seed")
-MANIFEST_NAME = "manifest.json"
-GRID_NAME = "storyboard.png"
+    from kolors_lib.export import LoraSpec
+
+MANIFEST_NAME = MANIFEST_FILE
+GRID_NAME = GRID_FILE
 SWEEP_NAME = "sweep.png"
-LORA_NAME = "kolors_lora.safetensors"  # what step 03 writes into cfg.lora_dir
+LORA_NAME = LORA_FILE  # what step 03 writes into cfg.lora_dir
 MANIFEST_VERSION = 1
-_MAX_SEED = 2**63 - 1
 # families that carry Chinese glyphs; any installed font with every glyph needed is accepted too
-
-
-class StoryError(ValueError):
-    """A story file that cannot be rendered (names the file and the scene)."""
-
-
-class LoraNotFoundError(FileNotFoundError):
-    """The trained LoRA file is not where step 04 looks for it."""
-
-
-# ---------------------------------------------------------------- the story file
-
-
-@dataclass
-class Scene:
-    """One panel: a caption, the prompt and its seed."""
-
-    scene: str
-    prompt: str
-    seed: int
-
-
-@dataclass
-class Story:
-    """A validated story file: 8 scenes plus the settings shared by all panels."""
-
-    title: str
-    negative: str
-    cfg_scale: float
-    steps: int
-    width: int
-    height: int
-    scenes: list[Scene]
-    path: Path | None = None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def load_story(path: str | Path) -> Story:
-    """Read and validate a story YAML; every problem found is listed in one StoryError.
-
-    Checks: known keys only (top level and per scene), exactly 8 scenes, non-empty prompts, integer
-    seeds in [0, 2**63), positive integer steps, a positive cfg_scale, width/height multiples of 64.
-    """
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoryError(f"story file not found: {path}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise StoryError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise StoryError(f"{path}: expected a mapping with a 'scenes' list at the top level")
-    problems: list[str] = []
-    unknown = sorted(set(map(str, raw)) - set(STORY_KEYS))
-    if unknown:
-        problems.append(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(STORY_KEYS)})")
-    title = raw.get("title") or path.stem
-    negative = raw.get("negative") or ""
-    if not isinstance(negative, str):
-        problems.append("'negative' must be a string")
-    cfg_scale = raw.get("cfg_scale", 4.0)
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale > 0:
-        problems.append(f"cfg_scale must be a positive number, not {cfg_scale!r}")
-    steps = raw.get("steps", 50)
-    if not _is_int(steps) or steps < 1:
-        problems.append(f"steps must be a positive integer, not {steps!r}")
-    sizes = {}
-    for key in ("width", "height"):
-        value = raw.get(key, 1024)
-        sizes[key] = value
-        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            problems.append(f"{key} must be a positive multiple of {SIZE_MULTIPLE} (Kolors' UNet halves the "
-                            f"8x-downsampled latent 3 times), not {value!r}")
-    scenes_raw = raw.get("scenes")
-    scenes: list[Scene] = []
-    if not isinstance(scenes_raw, list):
-        problems.append("'scenes' must be a list of 8 scenes (scene, prompt, seed)")
-        scenes_raw = []
-    elif len(scenes_raw) != N_SCENES:
-        problems.append(f"expected exactly {N_SCENES} scenes, found {len(scenes_raw)}")
-    for number, item in enumerate(scenes_raw, start=1):
-        where = f"scene {number}"
-        if not isinstance(item, dict):
-            problems.append(f"{where}: expected a mapping with scene, prompt, seed")
-            continue
-        bad = sorted(set(map(str, item)) - set(SCENE_KEYS))
-        if bad:
-            problems.append(f"{where}: unknown key(s) {', '.join(bad)} (known: {', '.join(SCENE_KEYS)})")
-        prompt = item.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            problems.append(f"{where}: prompt is empty or missing")
-        seed = item.get("seed")
-        if not _is_int(seed) or not 0 <= seed <= _MAX_SEED:
-            problems.append(f"{where}: seed must be an integer in [0, 2**63), not {seed!r}")
-        caption = item.get("scene", "")
-        scenes.append(Scene(str(caption or f"scene {number}"), str(prompt or "").strip(), seed))
-    if problems:
-        raise StoryError(f"{path}: " + "; ".join(problems))
-    return Story(str(title), negative.strip(), float(cfg_scale), steps, sizes["width"], sizes["height"],
-                 scenes, path.resolve())
-
-
-def with_trigger(prompt: str, trigger_word: str | None) -> str:
-    """`prompt` with the trigger word first (as in the training captions) unless it is already there."""
-    trigger = (trigger_word or "").strip()
-    if not trigger or trigger in prompt:
-        return prompt
-    return f"{trigger}, {prompt}"
-
-
-@dataclass
-class RenderSettings:
-    """The values every panel of one run shares (story file + the profile's overrides)."""
-
-    negative: str
-    cfg_scale: float
-    steps: int
-    width: int
-    height: int
-
-
-def render_settings(cfg: Config, story: Story) -> RenderSettings:
-    """Story values, with cfg.generate.steps/width/height overriding them where set."""
-    gen = cfg.generate
-    steps = gen.steps or story.steps
-    width, height = gen.width or story.width, gen.height or story.height
-    for key, value in (("width", width), ("height", height)):
-        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            raise ConfigError(f"generate.{key} must be a positive multiple of {SIZE_MULTIPLE}, not {value!r}")
-    if not _is_int(steps) or steps < 1:
-        raise ConfigError(f"generate.steps must be a positive integer, not {steps!r}")
-    return RenderSettings(story.negative, story.cfg_scale, steps, width, height)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -228,65 +97,39 @@ def _quiet(items: Any) -> Any:
 # ---------------------------------------------------------------- LoRA
 
 
-@dataclass
-class LoraSpec:
-    """A LoRA file read for inference: tensors, metadata, and the values strength refers to."""
-
-    path: Path
-    state_dict: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-    rank: int
-    alpha: float
-    sha256: str
-
-    @property
-    def scale(self) -> float:
-        """The training scale alpha/rank (strength 1.0)."""
-        return self.alpha / self.rank
-
-
 def default_lora_path(cfg: Config) -> Path:
     """Where step 03 writes the trained LoRA."""
-    return cfg.lora_dir / LORA_NAME
+    return cfg.lora_path
 
 
 def read_lora(path: str | Path, cfg: Config | None = None, alpha: float | None = None) -> LoraSpec:
-    """Load a LoRA file; a missing file names the step that makes it. alpha: file metadata, else cfg.lora."""
-    from kolors_lib.export import LoraFormatError, load_lora, parse_lora
+    """Parse a LoRA file once; a missing file names the step that makes it. alpha: file metadata, else cfg.lora."""
+    from kolors_lib.export import read_lora_spec
 
     path = Path(path)
     if not path.is_file():
         workdir = f" --workdir {cfg.workdir}" if cfg is not None else ""
         raise LoraNotFoundError(f"LoRA file not found: {path}; train it first with step 03: "
                                 f"python -m kolors_lib train{workdir}")
-    state, meta = load_lora(path)
-    if alpha is None and meta.get("alpha") is None:
-        alpha = cfg.lora.alpha if cfg is not None else None
-    pairs = parse_lora(state, meta, alpha)
-    ranks = {p.rank for p in pairs.values()}
-    rank = int(meta["rank"]) if meta.get("rank") not in (None, "") else max(ranks)
-    used_alpha = float(alpha) if alpha is not None else float(meta["alpha"])
-    if not pairs:
-        raise LoraFormatError(f"{path}: holds no LoRA pairs")
-    return LoraSpec(path.resolve(), state, meta, rank, used_alpha, sha256_file(path))
+    return read_lora_spec(path, alpha, cfg.lora.alpha if cfg is not None else None)
 
 
 def check_lora_against(root: Path, lora: LoraSpec) -> None:
     """Raise LoraMismatchError naming keys when `lora` does not fit the UNet in `root` (weights not loaded)."""
-    from kolors_lib.export import check_lora_fits, parse_lora
+    from kolors_lib.export import check_lora_fits
     from kolors_lib.models import KolorsPaths, unet_skeleton
 
-    check_lora_fits(unet_skeleton(KolorsPaths.from_root(root).unet), parse_lora(lora.state_dict, lora.meta, lora.alpha))
+    check_lora_fits(unet_skeleton(KolorsPaths.from_root(root).unet), lora.pairs)
 
 
 class LoraMerger:
     """Merges a LoRA into a UNet at a strength; `set(s)` again restores the base first (for sweeps)."""
 
     def __init__(self, unet: torch.nn.Module, lora: LoraSpec, keep_base: bool = False) -> None:
-        from kolors_lib.export import check_lora_fits, parse_lora
+        from kolors_lib.export import check_lora_fits
 
         self.unet, self.lora = unet, lora
-        self.pairs = parse_lora(lora.state_dict, lora.meta, lora.alpha)
+        self.pairs = lora.pairs
         check_lora_fits(unet, self.pairs)  # raises LoraMismatchError naming keys, before any denoising
         params = dict(unet.named_parameters())
         self._base = ({m: params[f"{m}.weight"].detach().to("cpu", copy=True) for m in self.pairs}
@@ -295,7 +138,7 @@ class LoraMerger:
 
     def set(self, strength: float) -> None:
         """W = W_base + strength·(alpha/rank)·B·A, exactly as export.merge_lora computes it."""
-        from kolors_lib.export import merge_lora
+        from kolors_lib.export import merge_pairs
 
         if self.strength != 0.0:
             if self._base is None:
@@ -305,7 +148,7 @@ class LoraMerger:
                 for module, weight in self._base.items():
                     params[f"{module}.weight"].copy_(weight)
         if strength != 0.0:
-            merge_lora(self.unet, self.lora.state_dict, strength, alpha=self.lora.alpha, meta=self.lora.meta)
+            merge_pairs(self.unet, self.pairs, strength)
         self.strength = float(strength)
 
 
@@ -378,6 +221,35 @@ class KolorsRenderer:
         self.peak_memory: dict[str, int | None] = {}
         self.pipe.encode_prompt = self._cached_prompt  # instance attribute shadows the method
 
+    @classmethod
+    def around_unet(cls, root: Path, unet: torch.nn.Module, embeddings: dict[tuple[str, bool], dict[str, torch.Tensor]],
+                    device: str) -> KolorsRenderer:
+        """A renderer for a UNet already in memory (training's) with prompts encoded elsewhere (its cache).
+
+        No ChatGLM is loaded: `embeddings` ((prompt, positive) -> encode_prompt output) answer the
+        pipeline, which gets Kolors' scheduler (what DiffSynth switches to with ChatGLM) and `root`'s VAE.
+        """
+        from diffsynth import SDXLImagePipeline
+
+        from kolors_lib.architecture import kolors_scheduler
+        from kolors_lib.models import KolorsPaths, load_model_manager
+
+        self = cls.__new__(cls)
+        self.root, self.device, self.offload = Path(root), device, True
+        self.dtype = next(unet.parameters()).dtype
+        self.paths, self.load_device = KolorsPaths.from_root(self.root), device
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            self.manager = load_model_manager([self.paths.vae], device=device, dtype=self.dtype)
+            self.pipe = SDXLImagePipeline.from_model_manager(self.manager, device=device)
+        self.load_log = log.getvalue()
+        self.pipe.scheduler, self.pipe.unet = kolors_scheduler(), unet
+        self.cache = {(p, positive, 1, 2): {k: v[None].to(device, self.dtype) for k, v in e.items()}
+                      for (p, positive), e in embeddings.items()}
+        self.text_encoder_released, self.peak_memory = True, {}
+        self.pipe.encode_prompt = self._cached_prompt
+        return self
+
     @property
     def unet(self) -> torch.nn.Module:
         """DiffSynth's Kolors UNet (merge LoRAs here); loaded on first use when offloading."""
@@ -401,11 +273,16 @@ class KolorsRenderer:
 
     @property
     def scheduler_info(self) -> dict[str, Any]:
-        """The scheduler DiffSynth switched to for Kolors, by name and parameters."""
+        """The scheduler DiffSynth switched to for Kolors: only values read from the live object.
+
+        Its betas are not kept on the object, so the noise schedule is recorded by the first and last
+        alphas_cumprod it computed from them (they differ for another beta_end or schedule).
+        """
         s = self.pipe.scheduler
         return {"name": type(s).__name__, "num_train_timesteps": s.num_train_timesteps,
-                "prediction_type": s.prediction_type, "beta_end": 0.014, "beta_schedule": "scaled_linear",
-                "set_by": "diffsynth SDXLImagePipeline.fetch_models (Kolors)"}
+                "prediction_type": s.prediction_type,
+                "alphas_cumprod_first": round(float(s.alphas_cumprod[0]), 10),
+                "alphas_cumprod_last": round(float(s.alphas_cumprod[-1]), 10)}
 
     def _cached_prompt(self, prompt: str, clip_skip: int = 1, clip_skip_2: int = 2,
                        positive: bool = True) -> dict[str, torch.Tensor]:
@@ -552,10 +429,54 @@ def _lora_info(lora: LoraSpec, strength: float) -> dict[str, Any]:
             "trigger_word": lora.meta.get("trigger_word")}
 
 
-def _kolors_root(cfg: Config) -> Path:
+def trigger_word(cfg: Config) -> str:
+    """The trigger word prepended to prompts ("" when generate.add_trigger_word is off)."""
+    return cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
+
+
+def prepare_renderer(cfg: Config, lora_path: str | Path | None, prompts: Sequence[str],
+                     negatives: Sequence[str]) -> tuple[LoraSpec, KolorsRenderer]:
+    """The set-up every rendering step shares: read and check the LoRA, load Kolors, encode the prompts.
+
+    A missing or misfitting LoRA fails here, before any model weight is loaded or any prompt encoded.
+    """
     from kolors_lib.models import kolors_paths
 
-    return kolors_paths(cfg).root
+    lora = read_lora(lora_path or default_lora_path(cfg), cfg)
+    root = kolors_paths(cfg).root
+    check_lora_against(root, lora)
+    renderer = KolorsRenderer(root, resolve_device(cfg.device), offload_text_encoder=cfg.generate.offload_text_encoder)
+    renderer.encode(prompts, negatives)
+    return lora, renderer
+
+
+def _storyboard_manifest(cfg: Config, story: Story, settings: RenderSettings, lora: LoraSpec, strength: float,
+                         renderer: KolorsRenderer, panels: list[Path], prompts: list[str], grid: Path) -> dict:
+    """manifest.json: everything needed to re-render any panel (see `reproduce`)."""
+    shared = {"negative": settings.negative, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
+              "width": settings.width, "height": settings.height}
+    return {
+        "version": MANIFEST_VERSION,
+        "title": story.title,
+        "story_file": str(story.path),
+        "story_sha256": sha256_file(story.path) if story.path else None,
+        "base_model": _base_model_info(cfg, renderer.root),
+        "lora": _lora_info(lora, strength),
+        "pipeline": "diffsynth.SDXLImagePipeline (Kolors: ChatGLM3 text encoder)",
+        "scheduler": renderer.scheduler_info,
+        "clip_skip": 1, "clip_skip_2": 2,
+        "device": renderer.device, "dtype": _dtype_name(renderer.dtype),
+        "offload_text_encoder": cfg.generate.offload_text_encoder,
+        "trigger_word": trigger_word(cfg) or None,
+        "versions": {"diffsynth": _version("diffsynth"), "torch": torch.__version__,
+                     "transformers": _version("transformers")},
+        **shared,
+        "panels": [{"index": i, "file": p.name, "scene": s.scene, "prompt": prompt, "story_prompt": s.prompt,
+                    "seed": s.seed, **shared, "sha256": sha256_file(p)}
+                   for i, (p, s, prompt) in enumerate(zip(panels, story.scenes, prompts, strict=True))],
+        "grid": grid.name,
+        "peak_memory_bytes": renderer.peak_memory,
+    }
 
 
 def render_storyboard(cfg: Config, story_path: str | Path | None = None, strength: float | None = None,
@@ -567,55 +488,25 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     story = load_story(story_path or cfg.generate.story)  # before any model is loaded
     settings = render_settings(cfg, story)
     strength = float(cfg.generate.strength if strength is None else strength)
-    trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
-    prompts = [with_trigger(s.prompt, trigger) for s in story.scenes]
-    lora = read_lora(lora_path or default_lora_path(cfg), cfg)
-    device = resolve_device(cfg.device)
+    prompts = [with_trigger(s.prompt, trigger_word(cfg)) for s in story.scenes]
     out = cfg.storyboard_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # never leave a manifest describing other panels
-
-    root = _kolors_root(cfg)
-    check_lora_against(root, lora)  # a LoRA that does not fit fails before any model is loaded
-    renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
-    renderer.encode(prompts, [settings.negative])
+    cfg.manifest_path.unlink(missing_ok=True)  # never leave a manifest describing other panels
+    lora, renderer = prepare_renderer(cfg, lora_path, prompts, [settings.negative])
     LoraMerger(renderer.unet, lora).set(strength)
     panels = []
     bar = tqdm(list(zip(story.scenes, prompts, strict=True)), desc="panels", unit="panel", disable=not progress)
     for number, (scene, prompt) in enumerate(bar, start=1):
         image = renderer.render(prompt, settings.negative, scene.seed, settings.steps, settings.cfg_scale,
                                 settings.width, settings.height)
-        panels.append(save_png(image, out / f"panel_{number:02d}.png"))
+        panels.append(save_png(image, out / panel_file(number)))
 
     font = find_cjk_font(story.title + "".join(s.scene for s in story.scenes))
     title = story.title if font is not None or story.title.isascii() else (story.path.stem if story.path else "")
     grid = save_figure(grid_figure(panels, panel_captions(story.scenes, font), title=title, font=font),
-                       out / GRID_NAME)
-    shared = {"negative": settings.negative, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
-              "width": settings.width, "height": settings.height}
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "title": story.title,
-        "story_file": str(story.path),
-        "story_sha256": sha256_file(story.path) if story.path else None,
-        "base_model": _base_model_info(cfg, renderer.root),
-        "lora": _lora_info(lora, strength),
-        "pipeline": "diffsynth.SDXLImagePipeline (Kolors: ChatGLM3 text encoder)",
-        "scheduler": renderer.scheduler_info,
-        "clip_skip": 1, "clip_skip_2": 2,
-        "device": device, "dtype": _dtype_name(renderer.dtype),
-        "offload_text_encoder": cfg.generate.offload_text_encoder,
-        "trigger_word": trigger or None,
-        "versions": {"diffsynth": _version("diffsynth"), "torch": torch.__version__,
-                     "transformers": _version("transformers")},
-        **shared,
-        "panels": [{"index": i, "file": p.name, "scene": s.scene, "prompt": prompt, "story_prompt": s.prompt,
-                    "seed": s.seed, **shared, "sha256": sha256_file(p)}
-                   for i, (p, s, prompt) in enumerate(zip(panels, story.scenes, prompts, strict=True))],
-        "grid": grid.name,
-        "peak_memory_bytes": renderer.peak_memory,
-    }
-    manifest_path = write_json(manifest, out / MANIFEST_NAME)
+                       cfg.grid_path)
+    manifest = _storyboard_manifest(cfg, story, settings, lora, strength, renderer, panels, prompts, grid)
+    manifest_path = write_json(manifest, cfg.manifest_path)
     return StoryboardResult(out, panels, grid, manifest_path, prompts, strength, time.monotonic() - start,
                             dict(renderer.peak_memory), font)
 
@@ -667,14 +558,8 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
     if not strengths:
         raise ValueError("strength_sweep needs at least one strength")
     scene = story.scenes[scene_index]
-    trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
-    prompt = with_trigger(scene.prompt, trigger)
-    lora = read_lora(lora_path or default_lora_path(cfg), cfg)
-    device = resolve_device(cfg.device)
-    root = _kolors_root(cfg)
-    check_lora_against(root, lora)
-    renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
-    renderer.encode([prompt], [settings.negative])
+    prompt = with_trigger(scene.prompt, trigger_word(cfg))
+    lora, renderer = prepare_renderer(cfg, lora_path, [prompt], [settings.negative])
     merger = LoraMerger(renderer.unet, lora, keep_base=len(strengths) > 1)
     folder = cfg.storyboard_dir / "sweep"
     files = []
@@ -689,7 +574,7 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
     write_json({"scene_index": scene_index, "prompt": prompt, "seed": scene.seed, **vars(settings),
                 "lora": _lora_info(lora, 1.0) | {"strength": None}, "strengths": strengths,
                 "files": [f.name for f in files], "base_model": _base_model_info(cfg, renderer.root),
-                "device": device, "dtype": _dtype_name(renderer.dtype)}, folder / "sweep.json")
+                "device": renderer.device, "dtype": _dtype_name(renderer.dtype)}, folder / "sweep.json")
     return path
 
 
@@ -717,7 +602,7 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
         raise ValueError(f"denoise must be in [0, 1], not {denoise!r}")
     image_path = Path(image_path)
     if not image_path.is_file():
-        raise FileNotFoundError(f"image not found: {image_path}")
+        raise MissingInputError(f"image not found: {image_path}: give the path of a picture to refine")
     story = load_story(cfg.generate.story)
     settings = render_settings(cfg, story)
     with Image.open(image_path) as img:
@@ -726,16 +611,10 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     height = _round_size(height or img.height)
     if (width, height) != img.size:
         img = img.resize((width, height), Image.Resampling.LANCZOS)
-    trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
-    prompt = with_trigger(prompt.strip(), trigger)
+    prompt = with_trigger(prompt.strip(), trigger_word(cfg))
     negative = settings.negative if negative is None else negative
-    lora = read_lora(lora_path or default_lora_path(cfg), cfg)
     strength = float(cfg.generate.strength if strength is None else strength)
-    device = resolve_device(cfg.device)
-    root = _kolors_root(cfg)
-    check_lora_against(root, lora)
-    renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
-    renderer.encode([prompt], [negative])
+    lora, renderer = prepare_renderer(cfg, lora_path, [prompt], [negative])
     LoraMerger(renderer.unet, lora).set(strength)
     result = renderer.render(prompt, negative, cfg.seed if seed is None else seed, steps or settings.steps,
                              settings.cfg_scale if cfg_scale is None else cfg_scale, width, height,
@@ -744,35 +623,6 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     return save_png(result, out)
 
 
-# ---------------------------------------------------------------- command line
-
-
-def main_storyboard(argv: Sequence[str] | None = None) -> int:
-    """`storyboard` entry point: 0 on success; `error: ...` and 2 for a bad story, LoRA or config."""
-    from kolors_lib.args import build_storyboard_parser
-
-    return run_storyboard(build_storyboard_parser().parse_args(argv))
-
-
-def run_storyboard(args: argparse.Namespace) -> int:
-    """Run step 04 from parsed arguments."""
-    from kolors_lib.config import load_config
-    from kolors_lib.export import LoraError
-    from kolors_lib.models import ModelUnavailableError
-
-    try:
-        cfg = load_config(args.config, profile=args.profile, workdir=args.workdir)
-        result = render_storyboard(cfg, args.story, args.strength, args.lora)
-        print(f"storyboard: {result.grid}")
-        print(f"manifest: {result.manifest}")
-        if args.sweep:
-            print(f"sweep: {strength_sweep(cfg, 0, story_path=args.story, lora_path=args.lora)}")
-    except (StoryError, LoraError, LoraNotFoundError, ConfigError, ModelUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 __all__ = ["KolorsRenderer", "LoraMerger", "LoraNotFoundError", "Scene", "Story", "StoryError", "StoryboardResult",
-           "find_cjk_font", "load_story", "main_storyboard", "read_lora", "refine", "render_storyboard",
-           "reproduce", "run_storyboard", "strength_sweep", "with_trigger"]
+           "find_cjk_font", "load_story", "read_lora", "refine", "render_storyboard",
+           "reproduce", "strength_sweep", "with_trigger"]

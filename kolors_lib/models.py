@@ -13,6 +13,7 @@ import torch
 
 from kolors_lib.compat import patch_torchvision
 from kolors_lib.config import Config, ModelSource
+from kolors_lib.errors import ModelUnavailableError
 from kolors_lib.hub import hub_endpoint, hub_reachable
 
 # What must be inside each model folder for it to count as complete.
@@ -31,10 +32,6 @@ ALLOW_PATTERNS = {
 }
 
 
-class ModelUnavailableError(RuntimeError):
-    """A model that is neither on disk nor downloadable."""
-
-
 @dataclass
 class KolorsPaths:
     """The files DiffSynth loads for Kolors."""
@@ -49,6 +46,10 @@ class KolorsPaths:
         """Paths inside a folder in the layout of Kwai-Kolors/Kolors."""
         return cls(root, root / "text_encoder", root / "unet" / "diffusion_pytorch_model.safetensors",
                    root / "vae" / "diffusion_pytorch_model.safetensors")
+
+    def files(self) -> list[Path]:
+        """ChatGLM, UNet and VAE, in the order `load_model_manager` takes them."""
+        return [self.text_encoder, self.unet, self.vae]
 
 
 def _missing(folder: Path, key: str) -> list[str]:
@@ -123,7 +124,7 @@ def register_sizes(manager: object, weight_files: list[Path]) -> None:
     """
     from diffsynth.models.utils import hash_state_dict_keys, load_state_dict
 
-    from kolors_lib.tiny import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, sized_class
+    from kolors_lib.architecture import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, sized_class
 
     detector = manager.model_detector[0]
     for path in weight_files:
@@ -146,7 +147,7 @@ def unet_skeleton(unet_weights: Path) -> torch.nn.Module:
     patch_torchvision()
     from diffsynth.models.sdxl_unet import SDXLUNet
 
-    from kolors_lib.tiny import KOLORS_UNET_CONFIG, sized_class
+    from kolors_lib.architecture import KOLORS_UNET_CONFIG, sized_class
 
     cfg = _read_config(Path(unet_weights)) or KOLORS_UNET_CONFIG
     sized = cfg.get("block_out_channels") != KOLORS_UNET_CONFIG["block_out_channels"]
@@ -171,9 +172,3 @@ def load_model_manager(files: list[Path], device: str = "cpu", dtype: torch.dtyp
         raise
     manager.load_log = log.getvalue()
     return manager
-
-
-def load_kolors(paths: KolorsPaths, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                vae: Path | None = None) -> object:
-    """Load Kolors' ChatGLM, UNet and a VAE (Kolors' own, or e.g. the fp16-fix one) into DiffSynth."""
-    return load_model_manager([paths.text_encoder, paths.unet, vae or paths.vae], device=device, dtype=dtype)

@@ -20,39 +20,42 @@
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import re
 import shutil
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kolors_lib.args import NAME_HINT
-from kolors_lib.config import PROJECT_ROOT, Config, ConfigError, load_config
+from kolors_lib.config import (
+    GRID_FILE,
+    MANIFEST_FILE,
+    NAME_HINT,
+    PROJECT_ROOT,
+    Config,
+)
+from kolors_lib.errors import LoraError, PublishError
 from kolors_lib.files import staged_folder
+from kolors_lib.model_card import (
+    EXPORTS,
+    LORA_NAME,
+    PANELS,
+    TASK,
+    model_card,
+    model_url,
+    prompts_text,
+    public_manifest,
+)
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 TOKEN_PAGE = "https://modelscope.cn/my/myaccesstoken"
-LORA_NAME = "kolors_lora.safetensors"
-EXPORTS = {"diffusers": "kolors_lora.diffusers.safetensors", "kohya": "kolors_lora.kohya.safetensors"}
-PANELS = 8
-BASE_MODEL = "Kwai-Kolors/Kolors"
-LICENSE = "Apache License 2.0"
-TASK = "text-to-image-synthesis"
 # files the modelscope client never uploads (its DEFAULT_IGNORE_PATTERNS and its own cache files)
 _IGNORED_NAMES = {".ms_upload_cache", ".ms_upload_progress"}
 _IGNORED_DIRS = {".git", ".cache"}
 _OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _NAME = re.compile(r"[^\W_][\w.-]{0,127}")
-
-
-class PublishError(ValueError):
-    """Something that stops assembling or publishing, with what to do about it."""
 
 
 # ---------------------------------------------------------------- repo id
@@ -68,13 +71,6 @@ def validate_repo_id(repo_id: str) -> str:
             f"has letters, digits, CJK, '-', '_' or '.', no spaces or slashes; the challenge asks for names like "
             f"your-user/{NAME_HINT}")
     return text
-
-
-def model_url(repo_id: str) -> str:
-    """The model page of `repo_id` on the hub ($MODELSCOPE_ENDPOINT or modelscope.cn)."""
-    from kolors_lib.hub import hub_endpoint
-
-    return f"{hub_endpoint().rstrip('/')}/models/{repo_id}"
 
 
 # ---------------------------------------------------------------- inputs
@@ -100,17 +96,16 @@ def _read_json(path: Path, step: str) -> dict[str, Any]:
 
 
 def _check_inputs(cfg: Config) -> _Inputs:
-    from kolors_lib.generation import sha256_file
+    from kolors_lib.files import sha256_file
 
     step3 = f"step 03 (python -m kolors_lib train --workdir {cfg.workdir})"
     step4 = f"step 04 (python -m kolors_lib storyboard --workdir {cfg.workdir})"
     step5 = f"step 05 (python -m kolors_lib score --workdir {cfg.workdir})"
-    lora = cfg.lora_dir / LORA_NAME
+    lora = cfg.lora_path
     if not lora.is_file():
         raise PublishError(f"the trained LoRA {lora} is missing: run {step3} first")
     story = cfg.storyboard_dir
-    panels = [story / f"panel_{i:02d}.png" for i in range(1, PANELS + 1)]
-    grid, manifest_path = story / "storyboard.png", story / "manifest.json"
+    panels, grid, manifest_path = cfg.panel_paths, cfg.grid_path, cfg.manifest_path
     missing = [p.name for p in [*panels, grid, manifest_path] if not p.is_file()]
     if missing:
         raise PublishError(f"storyboard files missing in {story}: {', '.join(missing)}; run {step4} first")
@@ -123,229 +118,10 @@ def _check_inputs(cfg: Config) -> _Inputs:
     if recorded and recorded != sha256_file(lora):
         raise PublishError(f"the storyboard in {story} was rendered with another LoRA than {lora} (sha256 differs): "
                            f"re-run {step4} and {step5} with the current LoRA")
-    scores_path = cfg.scores_dir / "scores.json"
+    scores_path = cfg.scores_json
     if not scores_path.is_file():
         raise PublishError(f"the score report {scores_path} is missing: run {step5} first")
     return _Inputs(lora, panels, grid, manifest, _read_json(scores_path, step5))
-
-
-# ---------------------------------------------------------------- model card
-
-
-def _num(value: Any, default: float | None = None) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    number = _num(value)
-    return "n/a" if number is None else f"{number:.{digits}f}"
-
-
-def _g(value: float) -> str:
-    return f"{value:g}"
-
-
-def _public_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The storyboard manifest with this machine's paths replaced by repo paths."""
-    out = json.loads(json.dumps(manifest))
-    lora = out.get("lora")
-    if isinstance(lora, dict):
-        lora["file"] = LORA_NAME
-    base = out.get("base_model")
-    if isinstance(base, dict):
-        base.pop("folder", None)
-    if out.get("story_file"):
-        out["story_file"] = Path(str(out["story_file"])).name
-    for i, panel in enumerate(out.get("panels") or [], start=1):
-        if isinstance(panel, dict):
-            panel["file"] = f"samples/panel_{i:02d}.png"
-    if "grid" in out:
-        out["grid"] = "samples/storyboard.png"
-    return out
-
-
-def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, Any], lora_meta: Mapping[str, Any],
-               rank: int, alpha: float) -> str:
-    """README.md in ModelScope's text-to-image LoRA style: front matter, usage, the 8 prompts, settings, scores."""
-    scale = alpha / rank
-    trigger = str(lora_meta.get("trigger_word") or manifest.get("trigger_word") or "").strip()
-    title = str(manifest.get("title") or repo_id.split("/", 1)[1])
-    strength = _num((manifest.get("lora") or {}).get("strength"), 1.0)
-    neg = str(manifest.get("negative") or "")
-    example = str(manifest["panels"][0]["prompt"])
-    lines = [
-        "---",
-        "frameworks:",
-        "- Pytorch",
-        f"license: {LICENSE}",
-        "tasks:",
-        f"- {TASK}",
-        "base_model:",
-        f"- {BASE_MODEL}",
-        "base_model_relation: adapter",
-        "tags:",
-        "- lora",
-        "- kolors",
-        "- text-to-image",
-        "---",
-        "",
-        f"# {title}",
-        "",
-        f"A LoRA for [Kolors 可图]({'https://modelscope.cn/models/' + BASE_MODEL}) (UNet attention "
-        f"`to_q/to_k/to_v/to_out`, rank {rank}, alpha {_g(alpha)}), trained with DiffSynth-Studio, and the "
-        f"{PANELS}-panel story it draws.",
-        "",
-        "![storyboard](samples/storyboard.png)",
-        "",
-    ]
-    if str(lora_meta.get("profile")) == "tiny":
-        lines += ["> **Note:** this LoRA was trained with the course's `tiny` profile (a random-weight test model):",
-                  "> it only exercises the pipeline and does not work on the real Kolors.", ""]
-    lines += [
-        "## Files",
-        "",
-        "| file | naming | for |",
-        "|---|---|---|",
-        f"| `{LORA_NAME}` | DiffSynth / peft (`blocks.N...lora_A.default.weight`) | DiffSynth-Studio |",
-        f"| `{EXPORTS['diffusers']}` | PEFT-style diffusers (`unet.down_blocks...lora_A.weight`) | diffusers "
-        "`KolorsPipeline` |",
-        f"| `{EXPORTS['kohya']}` | kohya (`lora_unet_..._to_q.lora_down.weight` + `.alpha`) | ComfyUI, WebUI |",
-        "| `samples/` | the 8 panels and the storyboard grid | |",
-        "| `manifest.json`, `prompts.txt` | every setting and prompt of the samples | |",
-        "",
-        "## Trigger word 触发词",
-        "",
-        (f"Put `{trigger}` in the prompt (the sample prompts below already contain it)." if trigger else
-         "None: this LoRA was trained without a trigger word; it applies its style to any prompt."),
-        "",
-        "## Recommended strength 推荐强度",
-        "",
-        f"Strength **1.0** = the training scale alpha/rank = {_g(alpha)}/{rank} = {_g(scale)}. The samples use "
-        f"strength {_g(strength)}. The same strength in each tool:",
-        "",
-        "| tool | file | setting for strength s | s = 1.0 |",
-        "|---|---|---|---|",
-        f"| DiffSynth `ModelManager.load_lora(path, lora_alpha=...)` (W += lora_alpha·B·A) | `{LORA_NAME}` | "
-        f"`lora_alpha = s × {_g(alpha)}/{rank}` | `lora_alpha={_g(scale)}` |",
-        f"| diffusers `set_adapters(..., adapter_weights=...)` (alpha/rank baked in) | `{EXPORTS['diffusers']}` | "
-        "`s` | `1.0` |",
-        f"| ComfyUI `LoraLoaderModelOnly` strength_model / WebUI `<lora:...:s>` | `{EXPORTS['kohya']}` | `s` | "
-        "`1.0` |",
-        "",
-        "0.5-1.0 is a good range; above 1.0 the style over-takes the prompt.",
-        "",
-        "## How to use 使用方法",
-        "",
-        "### DiffSynth-Studio",
-        "",
-        "```python",
-        "import torch",
-        "from diffsynth import ModelManager, SDXLImagePipeline",
-        "from modelscope import snapshot_download",
-        "",
-        f'kolors = snapshot_download("{BASE_MODEL}")',
-        f'lora_dir = snapshot_download("{repo_id}")',
-        'model_manager = ModelManager(torch_dtype=torch.float16, device="cuda", file_path_list=[',
-        '    f"{kolors}/text_encoder",',
-        '    f"{kolors}/unet/diffusion_pytorch_model.safetensors",',
-        '    f"{kolors}/vae/diffusion_pytorch_model.safetensors",',
-        "])",
-        f'model_manager.load_lora(f"{{lora_dir}}/{LORA_NAME}", lora_alpha={_g(scale * strength)})  '
-        f"# strength {_g(strength)}",
-        "pipe = SDXLImagePipeline.from_model_manager(model_manager)",
-        f"image = pipe(prompt={example!r},",
-        f"             negative_prompt={neg!r},",
-        f"             cfg_scale={_g(_num(manifest.get('cfg_scale'), 4.0))}, "
-        f"num_inference_steps={int(_num(manifest.get('steps'), 50))}, "
-        f"height={int(_num(manifest.get('height'), 1024))}, width={int(_num(manifest.get('width'), 1024))})",
-        'image.save("panel.png")',
-        "```",
-        "",
-        "### diffusers",
-        "",
-        "```python",
-        "import torch",
-        "from diffusers import KolorsPipeline",
-        "from modelscope import snapshot_download",
-        "",
-        'pipe = KolorsPipeline.from_pretrained("Kwai-Kolors/Kolors-diffusers", torch_dtype=torch.float16,',
-        '                                      variant="fp16").to("cuda")',
-        f'pipe.load_lora_weights(snapshot_download("{repo_id}"), weight_name="{EXPORTS["diffusers"]}",',
-        '                       adapter_name="story")',
-        f'pipe.set_adapters(["story"], adapter_weights=[{_g(strength)}])',
-        f"image = pipe({example!r}, negative_prompt={neg!r}).images[0]",
-        "```",
-        "",
-        "### ComfyUI",
-        "",
-        f"Copy `{EXPORTS['kohya']}` to `ComfyUI/models/loras/`, then put a **LoraLoaderModelOnly** node "
-        f"(`strength_model` = {_g(strength)}) between the Kolors UNet loader and the sampler (Kolors needs the "
-        "Kolors custom nodes for its ChatGLM3 text encoder). In API-format JSON:",
-        "",
-        "```json",
-        json.dumps({"class_type": "LoraLoaderModelOnly",
-                    "inputs": {"lora_name": EXPORTS["kohya"], "strength_model": strength, "model": ["1", 0]}},
-                   indent=2),
-        "```",
-        "",
-        "With ComfyUI-KwaiKolorsWrapper (the challenge's workflow): copy `comfyui/kolors_story_lora/` to "
-        f"`ComfyUI/custom_nodes/` and `{EXPORTS['diffusers']}` to `ComfyUI/models/loras/`, then load "
-        "`comfyui/kolors_story_workflow.json` (scene 1 with its seed; the *Load Kolors Story LoRA* node's "
-        "strength has the meaning above).",
-        "",
-        "## Samples and prompts 示例与提示词",
-        "",
-        f"Steps {manifest.get('steps', 'n/a')}, CFG {manifest.get('cfg_scale', 'n/a')}, "
-        f"{manifest.get('width', '?')}x{manifest.get('height', '?')}, LoRA strength {_g(strength)}."
-        + (f" Negative prompt: `{neg}`" if neg else ""),
-        "",
-    ]
-    for i, panel in enumerate(manifest["panels"], start=1):
-        scene = str(panel.get("scene") or f"panel {i}").replace("[", "(").replace("]", ")")
-        lines += [f"### {i}. {scene}", "", f"![{scene}](samples/panel_{i:02d}.png)", "", "```text",
-                  str(panel["prompt"]), "```", "", f"seed {panel.get('seed', 'n/a')}", ""]
-    keys = [("base_model", "base model"), ("profile", "profile"), ("steps", "steps"),
-            ("learning_rate", "learning rate"), ("batch_size", "batch size"), ("grad_accum", "gradient accumulation"),
-            ("precision", "precision"), ("resolution", "resolution"), ("seed", "seed"),
-            ("target_modules", "target modules"), ("init_lora_weights", "LoRA init"), ("scheduler", "scheduler"),
-            ("center_crop", "center crop"), ("random_flip", "random flip")]
-    lines += ["## Training settings 训练参数", "", "| setting | value |", "|---|---|",
-              f"| rank / alpha | {rank} / {_g(alpha)} (scale {_g(scale)}) |",
-              f"| trigger word | {trigger or '(none)'} |"]
-    lines += [f"| {label} | {lora_meta[key]} |" for key, label in keys if lora_meta.get(key) not in (None, "")]
-    consistency = scores.get("consistency")
-    cos = consistency.get("mean_pairwise_cosine") if isinstance(consistency, dict) else consistency
-    mean, gate = _num(scores.get("mean")), _num(scores.get("gate"))
-    passed = scores.get("passed")
-    verdict = "PASS" if passed else ("FAIL" if passed is not None else "n/a")
-    lines += [
-        "",
-        "## Scores 评分",
-        "",
-        f"- aesthetic score (the challenge's predictor), mean of the {PANELS} panels: **{_fmt(mean)}** vs the "
-        f"gate {_fmt(gate, 1)}: **{verdict}**",
-        f"- style consistency (mean pairwise cosine of the panels' image embeddings): **{_fmt(cos)}**",
-        "",
-    ]
-    files = [f for f in scores.get("files") or [] if isinstance(f, dict) and f.get("panel", True)]
-    if files:
-        lines += ["| panel | aesthetic | consistency to the others |", "|---|---|---|"]
-        lines += [f"| {f.get('file')} | {_fmt(f.get('score'))} | {_fmt(f.get('consistency_to_others'))} |"
-                  for f in files]
-        lines.append("")
-    lines += ["## License", "",
-              f"This LoRA: {LICENSE}. Using it with Kolors is also subject to the Kolors model license.", ""]
-    return "\n".join(lines)
-
-
-def prompts_text(manifest: Mapping[str, Any]) -> str:
-    """prompts.txt: one `samples/panel_XX.png<TAB>prompt` line per panel."""
-    head = (f"# the {PANELS} sample images and their prompts; negative prompt, seeds and settings: manifest.json\n")
-    return head + "".join(f"samples/panel_{i:02d}.png\t{' '.join(str(p['prompt']).split())}\n"
-                          for i, p in enumerate(manifest["panels"], start=1))
 
 
 # ---------------------------------------------------------------- assemble
@@ -355,7 +131,7 @@ def _same_lora(a: Path, b: Path) -> bool:
     """Whether two LoRA files hold the same tensors and metadata (safetensors key order varies between writes)."""
     import torch
 
-    from kolors_lib.export import LoraError, load_lora
+    from kolors_lib.export import load_lora
 
     try:
         (sa, ma), (sb, mb) = load_lora(a), load_lora(b)
@@ -370,7 +146,7 @@ def _export(lora: Path, stage: Path, previous: Path) -> tuple[dict[str, Any], in
 
     An export equal in content to the one in `previous` (the last publish folder) keeps its bytes, so a
     re-run is byte-identical and an upload does not send unchanged blobs again."""
-    from kolors_lib.export import LoraError, convert_lora, load_lora, save_lora
+    from kolors_lib.export import convert_lora, load_lora, save_lora
 
     try:
         state, meta = load_lora(lora)
@@ -412,10 +188,10 @@ def assemble(cfg: Config, repo_id: str) -> Path:
         samples.mkdir()
         for panel in inputs.panels:
             shutil.copyfile(panel, samples / panel.name)
-        shutil.copyfile(inputs.grid, samples / "storyboard.png")
+        shutil.copyfile(inputs.grid, samples / GRID_FILE)
         files = {
             "README.md": model_card(repo_id, inputs.manifest, inputs.scores, meta, rank, alpha),
-            "manifest.json": json.dumps(_public_manifest(inputs.manifest), indent=2, ensure_ascii=False) + "\n",
+            MANIFEST_FILE: json.dumps(public_manifest(inputs.manifest), indent=2, ensure_ascii=False) + "\n",
             "prompts.txt": prompts_text(inputs.manifest),
             "configuration.json": json.dumps({"framework": "pytorch", "task": TASK}, indent=2) + "\n",
         }
@@ -461,7 +237,6 @@ class PublishResult:
     created: bool | None = None
     commit: Any = None
     user: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -547,9 +322,9 @@ def _ensure_repo(api: Any, repo_id: str, private: bool, user: str | None, lfs_pr
     return False
 
 
-def _upload(cfg: Config, repo_id: str, folder: Path, files: list[tuple[str, int]], token: str, private: bool,
+def _upload(repo_id: str, folder: Path, files: list[tuple[str, int]], token: str, private: bool,
             commit_message: str | None) -> PublishResult:
-    from kolors_lib.generation import sha256_file
+    from kolors_lib.files import sha256_file
     from kolors_lib.hub import hub_endpoint
 
     endpoint = hub_endpoint()
@@ -593,35 +368,6 @@ def publish(cfg: Config, repo_id: str, dry_run: bool = True, token: str | None =
     if dry_run:
         return PublishResult(repo_id, folder, files, True, model_url(repo_id))
     try:
-        return _upload(cfg, repo_id, folder, files, token, private, commit_message)
+        return _upload(repo_id, folder, files, token, private, commit_message)
     except PublishError as err:
         raise PublishError(_redact(str(err), token)) from None
-
-
-# ---------------------------------------------------------------- command line
-
-
-def run_publish(args: argparse.Namespace) -> int:
-    """Publish (or with --dry-run, show the plan); 0 on success, 2 with a one-line `error: ...` otherwise.
-
-    Without --dry-run the token must be in $MODELSCOPE_API_TOKEN (never an argument)."""
-    try:
-        repo_id = validate_repo_id(args.repo_id)
-        if not args.dry_run and not os.environ.get(TOKEN_ENV, "").strip():
-            raise PublishError(f"no token: uploading needs the environment variable {TOKEN_ENV} (an access token "
-                               f"with write permission from {TOKEN_PAGE}, e.g. export {TOKEN_ENV}=...); add "
-                               "--dry-run to only see what would be uploaded")
-        cfg = load_config(args.config, profile=args.profile, workdir=args.workdir)
-        result = publish(cfg, repo_id, dry_run=args.dry_run, private=args.private)
-    except (PublishError, ConfigError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(result)
-    return 0
-
-
-def main_publish(argv: Sequence[str] | None = None) -> int:
-    """`publish` entry point (argv without the word `publish`)."""
-    from kolors_lib.args import build_publish_parser
-
-    return run_publish(build_publish_parser().parse_args(argv))

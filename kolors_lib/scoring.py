@@ -18,11 +18,9 @@ It writes, atomically and without timestamps (a re-run is byte-identical):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from kolors_lib.config import Config, ConfigError, load_config
+from kolors_lib.config import SCORES_CSV, SCORES_JSON, Config
 from kolors_lib.devices import resolve_device
+from kolors_lib.errors import ScoreError
 from kolors_lib.files import write_json, write_text
 
 if TYPE_CHECKING:
@@ -46,7 +45,6 @@ __all__ = [
     "ScoreError",
     "ScoreResult",
     "is_panel",
-    "main_score",
     "score_folder",
     "write_scores",
 ]
@@ -56,10 +54,6 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", 
 NON_PANEL_PREFIXES = ("storyboard", "sweep")
 CSV_COLUMNS = ["file", "score", "consistency_to_others", "panel", "error"]
 DIGITS = 6  # rounding in the written files: keeps them stable across BLAS/batch-size noise
-
-
-class ScoreError(ValueError):
-    """A folder that cannot be scored: missing, empty, or without a readable panel."""
 
 
 @dataclass
@@ -241,7 +235,7 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 def write_scores(result: ScoreResult, dest: Path) -> tuple[Path, Path]:
     """Write `scores.csv` and `scores.json` into `dest` atomically; return their paths."""
     dest = Path(dest)
-    csv_path, json_path = dest / "scores.csv", dest / "scores.json"
+    csv_path, json_path = dest / SCORES_CSV, dest / SCORES_JSON
     write_text(csv_path, _csv_text(result.rows()))
     write_json(result.to_dict(), json_path)
     return csv_path, json_path
@@ -351,29 +345,3 @@ def score_folder(
     if write:
         result.csv_path, result.json_path = write_scores(result, cfg.scores_dir)
     return result
-
-
-# ---------------------------------------------------------------- command line
-
-
-def run_score(args: argparse.Namespace) -> int:
-    """Score `args.dir` and print the report. Exit 0 on PASS and on FAIL (printed clearly: a low
-    score is a result, not an error), 1 on FAIL with --strict, 2 with `error: ...` when it cannot score."""
-    from kolors_lib.models import ModelUnavailableError
-
-    try:
-        cfg = load_config(args.config, profile=args.profile, workdir=args.workdir)
-        result = score_folder(cfg, args.dir, device=args.device, gate=args.gate)
-    except (ScoreError, ConfigError, ModelUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(result)
-    print(f"report: {result.csv_path} and {result.json_path}")
-    return 1 if args.strict and not result.passed else 0
-
-
-def main_score(argv: Sequence[str] | None = None) -> int:
-    """`score` entry point (argv without the word `score`): see `run_score` for the exit codes."""
-    from kolors_lib.args import build_score_parser
-
-    return run_score(build_score_parser().parse_args(argv))

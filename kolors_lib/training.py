@@ -10,15 +10,8 @@ training, ChatGLM and the VAE are freed, and the steps read only the cache.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
-import gc
-import hashlib
-import io
-import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -28,264 +21,27 @@ from typing import Any
 
 import torch
 
+from kolors_lib.architecture import BETA_END, NUM_TRAIN_TIMESTEPS, kolors_scheduler
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import Config, LoraConfig
-from kolors_lib.devices import resolve_device
-from kolors_lib.files import atomic_path, save_safetensors, save_torch, write_text
+from kolors_lib.config import LORA_FILE, Config, LoraConfig, apply_overrides
+from kolors_lib.encode_cache import (
+    CachedDataset,
+    CacheReport,
+    build_cache,
+    content_hash,
+    load_text,
+    model_dtype,
+)
+from kolors_lib.errors import NonFiniteLossError, TrainingError
+from kolors_lib.files import atomic_path, move_aside, save_safetensors, save_torch
 from kolors_lib.pictures import side_by_side
 
 patch_torchvision()  # lightning imports torchvision (via torchmetrics); must come first
 
 import lightning as L  # noqa: E402
 
-CACHE_VERSION = "1"
-FINAL_NAME = "kolors_lora.safetensors"
-NUM_TRAIN_TIMESTEPS = 1100  # Kolors' scheduler (DiffSynth switches to it for ChatGLM models)
-BETA_END = 0.014
+FINAL_NAME = LORA_FILE
 CKPT_KEEP = 2  # checkpoints kept on disk (LoRA + AdamW state each)
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, empty dataset, bad settings)."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def _sha(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else part.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _file_print(path: Path, chunk: int = 1 << 20) -> str:
-    """Cheap content print of a (possibly 10 GB) file: size + first and last MiB."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(chunk)
-        f.seek(max(size - chunk, 0))
-        tail = f.read(chunk)
-    return _sha(str(size), head, tail)
-
-
-def model_identity(path: str | Path) -> str:
-    """Identity of a model file or folder (names, sizes and content prints of its files)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    root = path if path.is_dir() else path.parent
-    return _sha(*(f"{p.relative_to(root)}:{_file_print(p)}" for p in files))[:16]
-
-
-def text_key(caption: str, encoder_id: str, dtype: torch.dtype) -> str:
-    """Cache key of one caption's encoding."""
-    return _sha("text", CACHE_VERSION, caption, encoder_id, str(dtype))[:32]
-
-
-def image_key(data: bytes, resolution: int, crop: str, flip: bool, vae_id: str, dtype: torch.dtype) -> str:
-    """Cache key of one image's latents (bytes, resolution, crop mode, flip copy, VAE, dtype)."""
-    return _sha("image", CACHE_VERSION, data, str(resolution), crop, str(flip), vae_id, str(dtype))[:32]
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def model_dtype(precision: str, device: str) -> torch.dtype:
-    """Weights dtype for a Lightning precision, as the stock script (fp32 for "32", else half)."""
-    if "32" in str(precision) or torch.device(device).type == "cpu" and str(precision).startswith("16"):
-        # fp16 convolutions on CPU are slow and partly missing; autocast still runs the math in fp16
-        return torch.float32
-    return torch.bfloat16 if str(precision).startswith("bf16") else torch.float16
-
-
-@dataclass
-class Sample:
-    """One training image: its caption and cache keys."""
-
-    file_name: str
-    text: str
-    image_key: str = ""
-    text_key: str = ""
-
-
-def read_metadata(train_dir: Path) -> list[Sample]:
-    """Rows of DiffSynth's train/metadata.csv (file_name,text)."""
-    meta = Path(train_dir) / "metadata.csv"
-    if not meta.is_file():
-        raise TrainingError(f"{meta} not found: run step 02 (data filter) first")
-    with open(meta, newline="", encoding="utf-8") as f:
-        rows = [Sample(r["file_name"], r.get("text") or "") for r in csv.DictReader(f)]
-    if not rows:
-        raise TrainingError(f"{meta} lists no images")
-    return rows
-
-
-# --------------------------------------------------------------------------- caching
-
-
-def load_image_tensor(path: Path, resolution: int, center_crop: bool, seed: int) -> torch.Tensor:
-    """Image -> [3,R,R] in [-1,1], resized and cropped exactly like DiffSynth's TextImageDataset.
-
-    Without center_crop the stock dataset crops at random each step; a cache needs one crop,
-    so we take a random crop fixed by (seed, image bytes).
-    """
-    import torchvision
-    from PIL import Image
-    from torchvision import transforms
-
-    image = Image.open(path).convert("RGB")
-    width, height = image.size
-    scale = max(resolution / width, resolution / height)
-    shape = [round(height * scale), round(width * scale)]
-    bilinear = transforms.InterpolationMode.BILINEAR
-    image = torchvision.transforms.functional.resize(image, shape, interpolation=bilinear)
-    if center_crop:
-        image = transforms.CenterCrop((resolution, resolution))(image)
-    else:
-        g = torch.Generator().manual_seed(seed + int(_sha(Path(path).read_bytes())[:8], 16))
-        top = int(torch.randint(0, shape[0] - resolution + 1, (1,), generator=g))
-        left = int(torch.randint(0, shape[1] - resolution + 1, (1,), generator=g))
-        image = transforms.functional.crop(image, top, left, resolution, resolution)
-    tensor = transforms.ToTensor()(image)
-    return transforms.Normalize([0.5], [0.5])(tensor)
-
-
-def _free(*objs: Any) -> None:
-    """Drop references and give the memory back (CUDA cache too)."""
-    del objs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-@dataclass
-class CacheReport:
-    """What build_cache did."""
-
-    root: Path
-    samples: list[Sample]
-    encoded_texts: int = 0
-    encoded_images: int = 0
-    validation_keys: dict[str, str] = field(default_factory=dict)
-    negative_key: str = ""
-
-
-def build_cache(cfg: Config, extra_prompts: Sequence[str] = ()) -> CacheReport:
-    """Encode captions (ChatGLM) and images (fp16-fix VAE) missing from the cache, then free the encoders."""
-    from kolors_lib.models import kolors_paths, resolve_model
-
-    root = cfg.lora_dir / "cache"
-    samples = read_metadata(cfg.train_dir)
-    paths = kolors_paths(cfg)
-    vae_file = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
-    device = resolve_device(cfg.device)
-    dtype = model_dtype(cfg.train.precision, device)
-    te_id, vae_id = model_identity(paths.text_encoder), model_identity(vae_file)
-    crop = "center" if cfg.train.center_crop else f"fixed-random-{cfg.seed}"
-    for s in samples:
-        img = cfg.train_dir / s.file_name
-        if not img.is_file():
-            raise TrainingError(f"{img} is listed in metadata.csv but missing")
-        s.text_key = text_key(s.text, te_id, dtype)
-        s.image_key = image_key(img.read_bytes(), cfg.resolution, crop, cfg.train.random_flip, vae_id, dtype)
-    prompts = {p: text_key(p, te_id, dtype) for p in [*extra_prompts, ""]}
-    texts = {s.text_key: s.text for s in samples} | {k: p for p, k in prompts.items()}
-    todo_text = {k: t for k, t in texts.items() if not (root / "text" / f"{k}.safetensors").is_file()}
-    todo_img = {s.image_key: s for s in samples
-                if not (root / "latents" / f"{s.image_key}.safetensors").is_file()}
-    report = CacheReport(root, samples, len(todo_text), len(todo_img),
-                         {p: k for p, k in prompts.items() if p}, prompts[""])
-    if todo_text or todo_img:
-        _encode(cfg, paths.text_encoder if todo_text else None, vae_file if todo_img else None,
-                todo_text, todo_img, device, dtype, root, crop, te_id, vae_id)
-    index = [{"file_name": s.file_name, "text": s.text, "text_key": s.text_key, "image_key": s.image_key}
-             for s in samples]
-    write_text(root / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
-    return report
-
-
-def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts: dict[str, str],
-            images: dict[str, Sample], device: str, dtype: torch.dtype, root: Path, crop: str,
-            te_id: str, vae_id: str) -> None:
-    """Load only the encoders needed, run them once per item, write the cache, free them."""
-    from diffsynth import SDXLImagePipeline
-
-    from kolors_lib.models import load_model_manager
-
-    files = [f for f in (text_encoder, vae_file) if f is not None]
-    manager = load_model_manager(files, device=device, dtype=dtype)
-    with contextlib.redirect_stdout(io.StringIO()):  # "Using ... / No ... available" per model kind
-        pipe = SDXLImagePipeline.from_model_manager(manager)
-    with torch.no_grad():
-        for key, caption in texts.items():
-            # the stock trainer's exact call: pipe.encode_prompt(text, positive=True)
-            emb = pipe.encode_prompt([caption], positive=True)
-            save_safetensors({"encoder_hidden_states": emb["encoder_hidden_states"][0],
-                                      "add_text_embeds": emb["add_text_embeds"][0]},
-                                     root / "text" / f"{key}.safetensors",
-                                     {"caption": caption, "encoder": te_id, "dtype": str(dtype)})
-        for key, s in images.items():
-            image = load_image_tensor(cfg.train_dir / s.file_name, cfg.resolution, cfg.train.center_crop,
-                                      cfg.seed)
-            batch = torch.stack([image, image.flip(-1)]) if cfg.train.random_flip else image[None]
-            latents = pipe.vae_encoder(batch.to(dtype=dtype, device=device))
-            tensors = {"latents": latents[0]}
-            if cfg.train.random_flip:
-                # the VAE is not exactly flip-equivariant: encode the mirrored image too
-                tensors["latents_flipped"] = latents[1]
-            save_safetensors(tensors, root / "latents" / f"{key}.safetensors",
-                                     {"file_name": s.file_name, "resolution": str(cfg.resolution),
-                                      "crop": crop, "vae": vae_id, "dtype": str(dtype)})
-    pipe.text_encoder_kolors = pipe.vae_encoder = pipe.prompter.text_encoder = None
-    manager.model.clear()
-    _free(manager, pipe)
-
-
-def load_text(root: Path, key: str) -> dict[str, torch.Tensor]:
-    """One cached caption encoding: encoder_hidden_states [256,D], add_text_embeds [D]."""
-    from safetensors.torch import load_file
-
-    return load_file(str(root / "text" / f"{key}.safetensors"))
-
-
-def load_latents(root: Path, key: str) -> dict[str, torch.Tensor]:
-    """One cached image: latents [4,h,w] (+ latents_flipped)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(root / "latents" / f"{key}.safetensors"))
-
-
-class CachedDataset(torch.utils.data.Dataset):
-    """Training items read from the cache; item i of the run is fixed by (seed, i) so resuming is exact.
-
-    Every pass over the data is a fresh permutation (no repeats within a pass), and with
-    random_flip each item takes the mirrored latents with probability 1/2.
-    """
-
-    def __init__(self, report: CacheReport, start: int, length: int, seed: int, random_flip: bool):
-        self.start, self.length, self.seed, self.random_flip = start, length, seed, random_flip
-        self.latents = [load_latents(report.root, s.image_key) for s in report.samples]
-        texts = {s.text_key: load_text(report.root, s.text_key) for s in report.samples}
-        self.texts = [texts[s.text_key] for s in report.samples]
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        n = len(self.latents)
-        absolute = self.start + index
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + absolute // n))
-        pick = int(perm[absolute % n])
-        lat = self.latents[pick]
-        flip = self.random_flip and bool(torch.rand(1, generator=torch.Generator().manual_seed(
-            self.seed * 7_919 + absolute)) < 0.5)
-        return {"latents": lat["latents_flipped"] if flip else lat["latents"], **self.texts[pick]}
 
 
 # --------------------------------------------------------------------------- the module
@@ -293,10 +49,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
 def make_scheduler() -> Any:
     """Kolors' training scheduler exactly as the stock trainer sets it up."""
-    patch_torchvision()
-    from diffsynth.schedulers import EnhancedDDIMScheduler
-
-    scheduler = EnhancedDDIMScheduler(beta_end=BETA_END, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+    scheduler = kolors_scheduler()
     scheduler.set_timesteps(NUM_TRAIN_TIMESTEPS)
     return scheduler
 
@@ -432,7 +185,7 @@ def run_fingerprint(cfg: Config, report: CacheReport) -> str:
     parts = [str(cfg.lora.rank), str(cfg.lora.alpha), ",".join(cfg.lora.target_modules), str(t.learning_rate),
              str(t.batch_size), str(t.grad_accum), str(cfg.seed), str(cfg.resolution), str(t.random_flip),
              str(t.precision), *(s.image_key + s.text_key for s in report.samples)]
-    return _sha(*parts)[:16]
+    return content_hash(*parts)[:16]
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -536,7 +289,7 @@ class _RunCallback(L.Callback):
                  validator: _Validator | None = None):
         self.cfg, self.total, self.start, self.fingerprint = cfg, total, start, fingerprint
         self.validator = validator
-        self.loss_csv = cfg.lora_dir / "loss.csv"
+        self.loss_csv = cfg.loss_csv
         self.bar: Any = None
         self.last_step = start
 
@@ -592,49 +345,48 @@ class _RunCallback(L.Callback):
             self.bar = None
 
 
+def validation_texts(cfg: Config) -> tuple[list[str], str]:
+    """The validation prompts as step 04 would send them (trigger word first) and the story's negative."""
+    from kolors_lib.generation import trigger_word
+    from kolors_lib.story import load_story, render_settings, with_trigger
+
+    negative = render_settings(cfg, load_story(cfg.generate.story)).negative
+    return [with_trigger(p, trigger_word(cfg)) for p in cfg.train.validation_prompts], negative
+
+
 class _Validator:
-    """Renders the validation prompts with the training UNet from cached embeddings into a grid."""
+    """Renders the validation prompts with step 04's renderer and settings, the training UNet and cached texts.
 
-    def __init__(self, cfg: Config, report: CacheReport, steps: int = 10, cfg_scale: float = 5.0):
-        from kolors_lib.models import load_model_manager, resolve_model
+    Same pipeline call, scheduler, steps, cfg scale, size and negative prompt as the storyboard, so
+    what you watch during training is what step 04 will give; one image per prompt (seed: cfg.seed + i).
+    """
 
-        vae = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
-        self.device = resolve_device(cfg.device)
-        self.decoder = load_model_manager([vae], device=self.device).fetch_model("sdxl_vae_decoder")
-        self.prompts = list(cfg.train.validation_prompts)
-        self.texts = [load_text(report.root, report.validation_keys[p]) for p in self.prompts]
-        self.negative = load_text(report.root, report.negative_key)
-        self.cfg, self.steps, self.cfg_scale = cfg, steps, cfg_scale
+    def __init__(self, cfg: Config, report: CacheReport):
+        from kolors_lib.models import kolors_paths
+        from kolors_lib.story import load_story, render_settings
+
+        self.settings = render_settings(cfg, load_story(cfg.generate.story))
+        self.prompts, negative = validation_texts(cfg)
+        self.embeddings = {(p, True): load_text(report.root, report.validation_keys[p]) for p in self.prompts}
+        self.embeddings[(negative, False)] = load_text(report.root, report.negative_key)
+        self.cfg, self.root = cfg, kolors_paths(cfg).root
+        self.renderer: Any = None
         self.out_dir = cfg.lora_dir / "validation"
         self.images: list[Path] = []
 
     @torch.no_grad()
     def render(self, unet: torch.nn.Module, step: int) -> Path:
-        """One image per prompt (fixed seed), pasted side by side into validation/step-N.png."""
-        from PIL import Image
+        """One image per prompt, pasted side by side into validation/step-N.png."""
+        from kolors_lib.generation import KolorsRenderer
 
+        if self.renderer is None:
+            device = str(next(unet.parameters()).device)
+            self.renderer = KolorsRenderer.around_unet(self.root, unet, self.embeddings, device)
         was_training = unet.training
         unet.eval()
-        scheduler = make_scheduler()
-        scheduler.set_timesteps(self.steps)
-        dtype = next(unet.parameters()).dtype
-        device = next(unet.parameters()).device
-        size = self.cfg.resolution // 8
-        tiles = []
-        for i, text in enumerate(self.texts):
-            g = torch.Generator().manual_seed(self.cfg.seed + i)
-            latents = torch.randn((1, 4, size, size), generator=g).to(device=device, dtype=dtype)
-            for t in scheduler.timesteps:
-                timestep = t.unsqueeze(0).to(device)
-                preds = [unet(latents, timestep=timestep,
-                              encoder_hidden_states=e["encoder_hidden_states"][None].to(device, dtype),
-                              add_text_embeds=e["add_text_embeds"][None].to(device, dtype),
-                              add_time_id=add_time_ids(latents)) for e in (text, self.negative)]
-                pred = preds[1] + self.cfg_scale * (preds[0] - preds[1])
-                latents = scheduler.step(pred, timestep, latents)
-            pixels = self.decoder(latents.to(self.device, torch.float32))[0].float().cpu()
-            array = ((pixels.permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).numpy()
-            tiles.append(Image.fromarray(array))
+        s = self.settings
+        tiles = [self.renderer.render(p, s.negative, self.cfg.seed + i, s.steps, s.cfg_scale, s.width, s.height)
+                 for i, p in enumerate(self.prompts)]
         unet.train(was_training)
         path = self.out_dir / f"step-{step:07d}.png"
         with atomic_path(path) as tmp:
@@ -646,25 +398,15 @@ class _Validator:
 # --------------------------------------------------------------------------- train_lora
 
 
-_OVERRIDE_KEYS = {"rank": ("lora", "rank"), "alpha": ("lora", "alpha"), "lr": ("train", "learning_rate"),
-                  "learning_rate": ("train", "learning_rate"), "resolution": (None, "resolution"),
-                  "seed": (None, "seed"), "device": (None, "device")}
+# train_lora's short keyword names; any other name is a train.* setting (or a dotted key)
+_SHORT_NAMES = {"rank": "lora.rank", "alpha": "lora.alpha", "lr": "train.learning_rate",
+                "learning_rate": "train.learning_rate", "resolution": "resolution", "seed": "seed", "device": "device"}
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Copy of cfg with overrides: train.* names (steps, batch_size...), rank, alpha, lr, resolution, seed."""
-    import copy
-
-    cfg = copy.deepcopy(cfg)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        section, name = _OVERRIDE_KEYS.get(key, ("train", key))
-        target = cfg if section is None else getattr(cfg, section)
-        if not hasattr(target, name):
-            raise TrainingError(f"unknown training override {key!r}")
-        setattr(target, name, value)
-    return cfg
+def training_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """cfg with train_lora's keyword overrides (steps, batch_size..., rank, alpha, lr) by config's one route."""
+    named = {_SHORT_NAMES.get(k) or (k if "." in k else f"train.{k}"): v for k, v in overrides.items()}
+    return apply_overrides(cfg, named)
 
 
 def total_steps(cfg: Config, n_images: int, world: int = 1) -> int:
@@ -676,18 +418,19 @@ def total_steps(cfg: Config, n_images: int, world: int = 1) -> int:
 
 
 def _resume_state(cfg: Config, fingerprint: str, resume: bool) -> dict[str, Any] | None:
-    """The newest checkpoint of this same run, or None (stale checkpoints are removed)."""
+    """The newest checkpoint of this same run, or None; checkpoints not resumed are moved aside, never deleted."""
     ckpts = list_checkpoints(cfg)
     if not ckpts:
         return None
+    why = "resume is off (--no-resume)"
     if resume:
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
         if state.get("fingerprint") == fingerprint:
             return state
-        warnings.warn(f"{ckpts[-1].name} belongs to a run with other data or settings: starting afresh",
-                      stacklevel=3)
-    for path in ckpts:
-        path.unlink()
+        why = f"{ckpts[-1].name} belongs to a run with other data or settings"
+    aside = move_aside(checkpoint_dir(cfg), "set-aside")
+    warnings.warn(f"{why}: starting afresh; the earlier checkpoints are kept in {aside} (delete it when "
+                  "no longer needed)", stacklevel=3)
     return None
 
 
@@ -715,18 +458,20 @@ def _world_size(devices: Any, accelerator: str) -> int:
 def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callback] = (),
                **overrides: Any) -> TrainResult:
     """Cache encodings, train the LoRA with Lightning, checkpoint/resume, write kolors_lora.safetensors."""
-    cfg = apply_overrides(cfg, overrides)
+    cfg = training_overrides(cfg, overrides)
     t = cfg.train
     begin = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    report = build_cache(cfg, t.validation_prompts if t.validate_every else ())
+    validating = bool(t.validate_every and t.validation_prompts)
+    prompts, negative = validation_texts(cfg) if validating else ([], "")
+    report = build_cache(cfg, prompts, negative)
     fingerprint = run_fingerprint(cfg, report)
     world = _world_size(t.devices, t.accelerator)
     total = total_steps(cfg, len(report.samples), world)
     state = _resume_state(cfg, fingerprint, resume)
     start = int(state["step"]) if state else 0
     cfg.lora_dir.mkdir(parents=True, exist_ok=True)
-    loss_csv = cfg.lora_dir / "loss.csv"
+    loss_csv = cfg.loss_csv
     _truncate_loss_csv(loss_csv, start)
     module = KolorsLoraModule.from_config(cfg)
     module.sample_offset = start * t.grad_accum
@@ -735,7 +480,7 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
         module.resume_state = state
     if start < total:
         _fit(cfg, module, report, start, total, world, fingerprint, list(callbacks))
-    final = save_lora(module, cfg.lora_dir / FINAL_NAME, lora_metadata(cfg, total))
+    final = save_lora(module, cfg.lora_path, lora_metadata(cfg, total))
     validator_images = sorted((cfg.lora_dir / "validation").glob("step-*.png"))
     return TrainResult(final, loss_csv, list_checkpoints(cfg), total, start, time.perf_counter() - begin,
                        report.root, validator_images)
@@ -811,33 +556,3 @@ def estimate(cfg: Config) -> dict[str, float]:
             "cache_phase_gib": round(cache_text + REAL_PARAMS["vae_encoder"] * bytes_w / gib + 1.0, 1),
             "stock_trainer_total_gib": round(weights + lora_mem + act + cache_text + 1.2, 1),
             "relative_step_time": round(pixels * (1.3 if cfg.train.gradient_checkpointing else 1.0), 3)}
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def main_train(argv: list[str]) -> int:
-    """CLI entry: train, print where the LoRA went; 2 with a message on a training error."""
-    from kolors_lib.args import build_train_parser
-
-    return run_train(build_train_parser().parse_args(argv))
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """Run step 03 from parsed arguments."""
-    from kolors_lib.config import ConfigError, load_config
-    from kolors_lib.models import ModelUnavailableError
-
-    try:
-        cfg = load_config(args.config, profile=args.profile, workdir=args.workdir)
-        result = train_lora(cfg, resume=not args.no_resume, steps=args.steps, rank=args.rank,
-                            alpha=args.alpha, lr=args.lr, batch_size=args.batch_size,
-                            grad_accum=args.grad_accum, precision=args.precision,
-                            resolution=args.resolution, seed=args.seed, save_every=args.save_every)
-    except (ConfigError, TrainingError, ModelUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    last = result.losses[-1][1] if result.losses else float("nan")
-    print(f"trained {result.steps} steps (resumed from {result.resumed_from}) in {result.seconds:.1f} s, "
-          f"final loss {last:.4f}\nLoRA: {result.lora_path}\nloss log: {result.loss_csv}")
-    return 0

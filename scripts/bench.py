@@ -81,7 +81,7 @@ def real_chatglm(dtype, device: str):  # noqa: ANN001, ANN201
     """ChatGLM3-6B with Kolors' config (6.24 B parameters) with random weights."""
     from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
 
-    from kolors_lib.tiny import CHATGLM_CONFIG
+    from kolors_lib.architecture import CHATGLM_CONFIG
 
     config = ChatGLMConfig(**{**CHATGLM_CONFIG, "torch_dtype": dtype})
     # empty_init allocates the big layers uninitialised (no slow init); the rotary buffer is computed
@@ -212,8 +212,9 @@ def _write_real_kolors(root: Path, dtype) -> Path:  # noqa: ANN001
     """Real-size random Kolors in the checkpoint layout, so generation runs the real loading path."""
     from safetensors.torch import save_file
 
+    from kolors_lib.architecture import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG
     from kolors_lib.files import write_json
-    from kolors_lib.tiny import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, _tokenizer_dir
+    from kolors_lib.tiny import _tokenizer_dir
 
     kolors = root / "Kolors"
     if (kolors / "done").exists():

@@ -49,11 +49,12 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
     assert no_raw.returncode == 2 and "data import" in no_raw.stderr and "Traceback" not in no_raw.stderr
 
 
-def test_filter_accepts_a_data_juicer_recipe_as_config(tmp_path: Path) -> None:
-    from kolors_lib.cli import _config, parse_args
+def test_recipe_goes_with_recipe_not_config(tmp_path: Path) -> None:
+    from kolors_lib.cli import parse_args
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("process:\n  - image_shape_filter:\n      min_width: 512\n", encoding="utf-8")
-    cfg, found = _config(parse_args(["data", "filter", "--config", str(recipe), "--profile", "tiny",
-                                     "--workdir", str(tmp_path)]))
-    assert found == recipe.resolve() and cfg.profile == "tiny"
+    args = parse_args(["data", "filter", "--recipe", str(recipe), "--profile", "tiny", "--workdir", str(tmp_path)])
+    assert args.recipe == recipe and args.config is None
+    wrong = _cli("data", "filter", "--config", str(recipe), "--profile", "tiny", "--workdir", str(tmp_path))
+    assert wrong.returncode == 2 and "--recipe" in wrong.stderr and "Traceback" not in wrong.stderr

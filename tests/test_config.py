@@ -84,3 +84,29 @@ def test_unknown_profile_and_missing_file(tmp_path: Path) -> None:
         load_config(profile="gpu")
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml", profile="tiny")
+
+
+def test_one_override_route_nested_and_dotted(tmp_path: Path) -> None:
+    nested = load_config(profile="tiny", workdir=tmp_path, overrides={"train": {"steps": 5}, "lora": {"rank": 8}})
+    dotted = load_config(profile="tiny", workdir=tmp_path, overrides={"train.steps": 5, "lora.rank": 8})
+    assert (nested.train.steps, nested.lora.rank) == (dotted.train.steps, dotted.lora.rank) == (5, 8)
+    assert dotted.train.precision == nested.train.precision == "32"  # the rest of the section kept
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"override 'train\.stepz': no such setting") as err:
+        load_config(profile="tiny", workdir=tmp_path, overrides={"train.stepz": 5})
+    assert "default.yaml" not in str(err.value) and "steps" in str(err.value)
+    with pytest.raises(ConfigError, match=r"override 'colour'"):
+        load_config(profile="tiny", workdir=tmp_path, overrides={"colour": "red"})
+
+
+def test_apply_overrides_uses_the_same_route(tmp_path: Path) -> None:
+    from kolors_lib.config import apply_overrides
+
+    cfg = load_config(profile="tiny", workdir=tmp_path)
+    changed = apply_overrides(cfg, {"train.steps": 3, "lora": {"alpha": 2.0}, "seed": None})
+    assert (changed.train.steps, changed.lora.alpha, changed.seed) == (3, 2.0, cfg.seed)
+    assert cfg.train.steps != 3  # a copy: the loaded config is unchanged
+    with pytest.raises(ConfigError, match=r"override 'lora\.alfa'"):
+        apply_overrides(cfg, {"lora.alfa": 1})

@@ -17,18 +17,15 @@ from PIL import Image, ImageFile
 
 from kolors_lib.config import Config, load_config
 from kolors_lib.data import (
-    MARK_RED,
-    SAMPLE_EXPECTED,
     DataError,
     ImportResult,
-    decode_caption,
     hub_reachable,
     import_dataset,
-    make_sample_images,
-    phash,
     read_metadata,
     show_images,
 )
+from kolors_lib.samples import MARK_RED, SAMPLE_EXPECTED, make_sample_images, phash
+from kolors_lib.sources import decode_caption
 
 Run = tuple[Config, ImportResult]
 Rows = dict[str, dict]
@@ -548,21 +545,6 @@ def test_sample_phashes(sample_run: Run, rows: Rows) -> None:
     dups = [sorted(g) for g in groups.values() if len(g) > 1]
     # only the planted duplicates share a hash, so the deduplicator removes exactly those
     assert dups == [["good_04.jpg", *SAMPLE_EXPECTED["image_deduplicator"]]]
-
-
-@pytest.mark.slow
-def test_phash_matches_imagededup(sample_run: Run, rows: Rows) -> None:
-    from kolors_lib.compat import patch_torchvision
-
-    pytest.importorskip("torch")
-    patch_torchvision()
-    methods = pytest.importorskip("imagededup.methods")
-    hasher = methods.PHash(verbose=False)
-    cfg, _ = sample_run
-    names = ("good_04.jpg", "good_04_resaved.jpg", "mode_gray16.png", "exif_rotated.jpg", "blank_flat.png")
-    for name in names:
-        img = _open_row(cfg, rows[name])
-        assert phash(img) == hasher.encode_image(image_array=np.array(img)), name
 
 
 def test_16bit_rgb_png_reencoded_as_8bit(tiny_cfg: Config, tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,6 @@ from kolors_lib.export import (
     diffsynth_lora_alpha,
     export_lora,
     load_lora,
-    main_export,
     merge_lora,
     module_map,
     parse_lora,
@@ -385,12 +386,20 @@ def test_pickles_and_other_files_are_refused(trained: tuple, tmp_path: Path) -> 
         save_lora(trained[0], tmp_path / "y.safetensors", {**META, "format": "kohya"})
 
 
-def test_main_export_cli(trained: tuple, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_export_lora_cli(trained: tuple, tmp_path: Path) -> None:
+    """`python -m kolors_lib export-lora`, as a user runs it (a subprocess through the one dispatcher)."""
     src = save_lora(trained[0], tmp_path / "lora.safetensors", META)
     out_dir = tmp_path / "exports"
     out_dir.mkdir()
-    assert main_export([str(src), "--format", "kohya", str(out_dir)]) == 0
-    written = Path(capsys.readouterr().out.strip())
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kolors_lib", "export-lora", *args], capture_output=True,
+                              text=True, timeout=300)
+
+    done = cli(str(src), "--format", "kohya", str(out_dir))
+    assert done.returncode == 0, done.stderr
+    written = Path(done.stdout.strip().splitlines()[-1])
     assert written == out_dir / "lora.kohya.safetensors" and detect_format(load_lora(written)[0]) == "kohya"
-    assert main_export([str(tmp_path / "missing.safetensors"), "--format", "diffusers", str(out_dir)]) == 2
-    assert "not found" in capsys.readouterr().err
+    missing = cli(str(tmp_path / "missing.safetensors"), "--format", "diffusers", str(out_dir))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: LoRA file not found")
+    assert "Traceback" not in missing.stderr

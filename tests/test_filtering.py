@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kolors_lib.attribution import Attribution
 from kolors_lib.config import Config, load_config
 from kolors_lib.filtering import (
     FilterError,
-    _Attribution,
     build_caption,
     filter_dataset,
     load_recipe,
@@ -253,7 +253,7 @@ def test_attribution_without_traces_keeps_the_first_copy(run: dict[str, Any], tm
     items, _ = read_raw(cfg.raw_dir)
     kept_rows = [{"id": i} for i in ["00011", *KEPT[1:]]]
     recipe = load_recipe(cfg.filter.recipe)
-    kept, ops, removed = _Attribution(items, kept_rows, tmp_path).run(recipe["process"])
+    kept, ops, removed = Attribution(items, kept_rows, tmp_path).run(recipe["process"])
     assert kept == KEPT
     assert ops == run["result"].ops
     assert removed == run["result"].removed

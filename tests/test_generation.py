@@ -15,10 +15,11 @@ import yaml
 from PIL import Image
 
 from kolors_lib import generation as G
+from kolors_lib.cli import main as cli_main
 from kolors_lib.compat import patch_torchvision
 from kolors_lib.config import CONFIG_DIR, load_config
 from kolors_lib.export import LoraMismatchError, load_lora, merge_lora, save_lora
-from kolors_lib.models import KolorsPaths, load_kolors, load_model_manager
+from kolors_lib.models import KolorsPaths, load_model_manager
 from kolors_lib.tiny import write_tiny_kolors
 
 patch_torchvision()
@@ -161,7 +162,7 @@ def test_missing_lora_says_to_run_step_03(tmp_path: Path, kolors_root: Path, cap
     cfg = make_cfg(tmp_path / "w", kolors_root)
     with pytest.raises(G.LoraNotFoundError, match=r"python -m kolors_lib train"):
         G.render_storyboard(cfg)
-    code = G.main_storyboard(["--profile", "tiny", "--workdir", str(tmp_path / "w")])
+    code = cli_main(["storyboard", "--profile", "tiny", "--workdir", str(tmp_path / "w")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: LoRA file not found") and err.count("\n") == 1
 
@@ -183,7 +184,7 @@ def test_a_lora_that_does_not_fit_fails_before_encoding(tmp_path: Path, kolors_r
         G.render_storyboard(cfg, lora_path=path)
     assert not loaded, "the LoRA is checked against a weightless UNet before any model loads"
     assert not encoded and not (cfg.storyboard_dir / "panel_01.png").exists()
-    code = G.main_storyboard(["--profile", "tiny", "--workdir", str(tmp_path / "w"), "--lora", str(path)])
+    code = cli_main(["storyboard", "--profile", "tiny", "--workdir", str(tmp_path / "w"), "--lora", str(path)])
     assert code == 2 and capsys.readouterr().err.startswith("error: LoRA does not fit the UNet")
 
 
@@ -230,6 +231,12 @@ def test_storyboard_files_and_manifest(board) -> None:
     assert (panel["steps"], panel["width"], panel["height"], panel["cfg_scale"]) == (STEPS, SIZE, SIZE, 4.0)
     assert panel["negative"] == data["negative"] != ""
     assert data["scheduler"]["name"] == "EnhancedDDIMScheduler" and data["scheduler"]["num_train_timesteps"] == 1100
+    # only values read from the live scheduler: Kolors' beta_end 0.014 shows in its alphas_cumprod
+    from diffsynth.schedulers import EnhancedDDIMScheduler
+
+    kolors = EnhancedDDIMScheduler(num_train_timesteps=1100, beta_end=0.014)
+    assert data["scheduler"]["alphas_cumprod_last"] == round(kolors.alphas_cumprod[-1], 10)
+    assert not {"beta_end", "beta_schedule", "set_by"} & set(data["scheduler"])
     lora = data["lora"]
     assert (lora["strength"], lora["rank"], lora["alpha"], lora["effective_scale"]) == (1.0, RANK, ALPHA, 1.0)
     assert lora["sha256"] == G.sha256_file(lora["file"])
@@ -264,7 +271,7 @@ def stock(kolors_root: Path, lora_file: Path, board):
 
     _, result, _ = board
     data = json.loads(result.manifest.read_text(encoding="utf-8"))
-    pipe = SDXLImagePipeline.from_model_manager(load_kolors(KolorsPaths.from_root(kolors_root)))
+    pipe = SDXLImagePipeline.from_model_manager(load_model_manager(KolorsPaths.from_root(kolors_root).files()))
 
     def call(i: int) -> np.ndarray:
         p = data["panels"][i]
@@ -355,13 +362,13 @@ def test_cli_renders_a_storyboard(tmp_path: Path, kolors_root: Path, lora_file: 
         "models": {"kolors": {"local_dir": str(kolors_root)}},
         "generate": {"steps": 1, "width": SIZE, "height": SIZE}}}}), encoding="utf-8")
     work = tmp_path / "w"
-    code = G.main_storyboard(["--config", str(config), "--profile", "tiny", "--workdir", str(work),
+    code = cli_main(["storyboard", "--config", str(config), "--profile", "tiny", "--workdir", str(work),
                               "--lora", str(lora_file), "--strength", "0.5"])
     assert code == 0, capsys.readouterr().err
     data = json.loads((work / "storyboard" / "manifest.json").read_text(encoding="utf-8"))
     assert data["lora"]["strength"] == 0.5 and data["steps"] == 1
     assert "storyboard.png" in capsys.readouterr().out
     bad = write_story(tmp_path / "bad.yaml", lambda d: d["scenes"].pop())
-    assert G.main_storyboard(["--config", str(config), "--profile", "tiny", "--workdir", str(work),
+    assert cli_main(["storyboard", "--config", str(config), "--profile", "tiny", "--workdir", str(work),
                               "--story", str(bad)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {bad}: expected exactly 8 scenes, found 7")

@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from kolors_lib.cli import main as cli_main
 from kolors_lib.config import Config
 from kolors_lib.export import detect_format, load_lora, save_lora
 from kolors_lib.generation import sha256_file
@@ -24,7 +25,6 @@ from kolors_lib.publish import (
     TOKEN_ENV,
     PublishError,
     assemble,
-    main_publish,
     plan,
     publish,
     validate_repo_id,
@@ -307,26 +307,28 @@ def test_network_drop_mid_upload_is_clear_and_a_retry_works(cfg: Config, hub: Hu
 
 
 def test_cli_dry_run_prints_the_plan(cfg: Config, hub: HubServer, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main_publish(["--workdir", str(cfg.workdir), "--profile", "tiny", "--repo-id", REPO, "--dry-run"])
+    code = cli_main(["publish", "--workdir", str(cfg.workdir), "--profile", "tiny", "--repo-id", REPO, "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0 and "DRY RUN" in out and "samples/panel_08.png" in out and hub.requests == []
 
 
 def test_cli_without_token_or_dry_run_exits_2(cfg: Config, hub: HubServer, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main_publish(["--workdir", str(cfg.workdir), "--profile", "tiny", "--repo-id", REPO])
+    code = cli_main(["publish", "--workdir", str(cfg.workdir), "--profile", "tiny", "--repo-id", REPO])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert TOKEN_ENV in err and "--dry-run" in err and hub.requests == []
 
 
 def test_cli_bad_repo_id_exits_2(cfg: Config, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main_publish(["--workdir", str(cfg.workdir), "--profile", "tiny", "--repo-id", "just-a-name", "--dry-run"])
+    code = cli_main(["publish", "--workdir", str(cfg.workdir), "--profile", "tiny", "--repo-id", "just-a-name",
+                     "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and NAME_HINT in err
 
 
 def test_cli_missing_step_exits_2(tiny_cfg: Config, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main_publish(["--workdir", str(tiny_cfg.workdir), "--profile", "tiny", "--repo-id", REPO, "--dry-run"])
+    code = cli_main(["publish", "--workdir", str(tiny_cfg.workdir), "--profile", "tiny", "--repo-id", REPO,
+                     "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and "step 03" in err and err.count("\n") == 1
 
@@ -334,7 +336,7 @@ def test_cli_missing_step_exits_2(tiny_cfg: Config, capsys: pytest.CaptureFixtur
 def test_cli_upload_with_token_from_the_environment(cfg: Config, hub: HubServer, monkeypatch: pytest.MonkeyPatch,
                                                     capfd: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    code = main_publish(["--workdir", str(cfg.workdir), "--profile", "tiny", "--repo-id", REPO])
+    code = cli_main(["publish", "--workdir", str(cfg.workdir), "--profile", "tiny", "--repo-id", REPO])
     out, err = capfd.readouterr()
     assert code == 0 and "uploaded" in out and TOKEN not in out + err
     assert hub.files(REPO) == _snapshot(cfg.publish_dir)

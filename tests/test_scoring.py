@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from kolors_lib.cli import main as cli_main
 from kolors_lib.compat import patch_torchvision
 from kolors_lib.config import Config, load_config
 from kolors_lib.models import resolve_model
-from kolors_lib.scoring import ScoreError, ScoreResult, is_panel, main_score, score_folder
+from kolors_lib.scoring import ScoreError, ScoreResult, is_panel, score_folder
 
 patch_torchvision()
 
@@ -228,24 +229,24 @@ def test_cli_output_gate_and_exit_codes(cfg: Config, tmp_path: Path, capsys: pyt
     conf.write_text(f"profiles:\n  tiny:\n    models:\n      aesthetic: {{local_dir: '{model_dir}'}}\n")
     base += ["--config", str(conf)]
 
-    assert main_score([*base, "--gate", "-100"]) == 0
+    assert cli_main(["score", *base, "--gate", "-100"]) == 0
     out = capsys.readouterr().out
     assert "panel_01.png" in out and "storyboard.png" in out and "mean over 3 panel(s)" in out
     assert "gate -100: PASS" in out and "style consistency" in out
     assert (cfg.scores_dir / "scores.json").is_file()
 
-    assert main_score([*base, "--gate", "100"]) == 0  # a FAIL is a result: exit 0, printed clearly
+    assert cli_main(["score", *base, "--gate", "100"]) == 0  # a FAIL is a result: exit 0, printed clearly
     assert "gate 100: FAIL" in capsys.readouterr().out
-    assert main_score([*base, "--gate", "100", "--strict"]) == 1
+    assert cli_main(["score", *base, "--gate", "100", "--strict"]) == 1
     capsys.readouterr()
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main_score([str(empty), *base[1:]]) == 2
+    assert cli_main(["score", str(empty), *base[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(empty) in err and "\n" not in err
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "panel_01.png").write_text("nope")
-    assert main_score([str(bad), *base[1:]]) == 2
+    assert cli_main(["score", str(bad), *base[1:]]) == 2
     assert "no readable panel" in capsys.readouterr().err

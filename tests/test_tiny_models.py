@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kolors_lib.architecture import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, sized_class
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.models import KolorsPaths, load_kolors, load_model_manager
-from kolors_lib.tiny import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, sized_class, write_tiny_kolors
+from kolors_lib.models import KolorsPaths, load_model_manager
+from kolors_lib.tiny import write_tiny_kolors
 
 patch_torchvision()
 
@@ -46,7 +47,7 @@ def test_sized_builders_rebuild_the_real_diffsynth_models_exactly() -> None:
 def test_tiny_unet_has_the_real_kolors_key_names(tiny_dir: Path) -> None:
     from diffsynth.models.sdxl_unet import SDXLUNet
 
-    manager = load_kolors(KolorsPaths.from_root(tiny_dir / "Kolors"))
+    manager = load_model_manager(KolorsPaths.from_root(tiny_dir / "Kolors").files())
     unet = manager.fetch_model("sdxl_unet")
     real = _meta(SDXLUNet, is_kolors=True)
     tiny = {k: v.shape for k, v in unet.state_dict().items()}
@@ -134,7 +135,7 @@ def test_pipeline_generates_deterministic_images(tiny_dir: Path) -> None:
     import numpy as np
     from diffsynth import SDXLImagePipeline
 
-    manager = load_kolors(KolorsPaths.from_root(tiny_dir / "Kolors"))
+    manager = load_model_manager(KolorsPaths.from_root(tiny_dir / "Kolors").files())
     pipe = SDXLImagePipeline.from_model_manager(manager)
     kwargs = {"prompt": "古风，水墨画，一个黑色长发少女", "negative_prompt": "模糊", "cfg_scale": 4.0,
               "num_inference_steps": 3, "height": 128, "width": 128}

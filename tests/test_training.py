@@ -13,18 +13,17 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from kolors_lib.cli import main as cli_main
 from kolors_lib.config import Config, load_config
+from kolors_lib.encode_cache import build_cache, load_image_tensor
 from kolors_lib.training import (
     FINAL_NAME,
     KolorsLoraModule,
     L,  # lightning, imported there after the torchvision patch
     NonFiniteLossError,
     TrainResult,
-    build_cache,
     estimate,
     inject_lora,
-    load_image_tensor,
-    main_train,
     train_lora,
 )
 
@@ -141,11 +140,11 @@ def _stock_module(cfg: Config) -> L.LightningModule:
     from diffsynth import SDXLImagePipeline
     from diffsynth.trainers.text_to_image import LightningModelForT2ILoRA
 
-    from kolors_lib.models import kolors_paths, load_kolors, resolve_model
+    from kolors_lib.models import kolors_paths, load_model_manager, resolve_model
 
     module = LightningModelForT2ILoRA(learning_rate=cfg.train.learning_rate, use_gradient_checkpointing=False)
     vae = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
-    module.pipe = SDXLImagePipeline.from_model_manager(load_kolors(kolors_paths(cfg), vae=vae))
+    module.pipe = SDXLImagePipeline.from_model_manager(load_model_manager([*kolors_paths(cfg).files()[:2], vae]))
     module.pipe.scheduler.set_timesteps(1100)
     module.freeze_parameters()
     module.add_lora_to_model(module.pipe.denoising_model(), lora_rank=cfg.lora.rank,
@@ -180,7 +179,7 @@ def test_step_loss_and_grads_equal_stock_trainer(cfg: Config) -> None:
     stock_ds.path, stock_ds.text = [str(cfg.train_dir / sample.file_name)], [sample.text]
     # the stock step gets the raw caption and image and encodes both itself
     stock_batch = {"text": [sample.text], "image": stock_ds[0]["image"][None]}
-    from kolors_lib.training import CachedDataset
+    from kolors_lib.encode_cache import CachedDataset
 
     item = CachedDataset(report, 0, 1, cfg.seed, False)
     our_batch = {k: v[None] for k, v in {"latents": item.latents[0]["latents"], **item.texts[0]}.items()}
@@ -267,7 +266,7 @@ def test_train_lora_outputs_and_no_text_encoder_during_steps(cfg: Config,
     assert meta["trigger_word"] == cfg.filter.trigger_word and meta["steps"] == "4"
     assert [p.name for p in result.checkpoints] == ["step-0000002.pt", "step-0000004.pt"]
     assert [p.name for p in result.validation_images] == ["step-0000004.png"]
-    assert Image.open(result.validation_images[0]).size == (RES, RES)
+    assert Image.open(result.validation_images[0]).size == (cfg.generate.width, cfg.generate.height)
     fig = result.loss_plot()
     assert fig.axes and fig.axes[0].get_xlabel() == "step"
     assert result.steps_per_second > 0
@@ -289,8 +288,13 @@ def test_resume_after_interrupt_equals_uninterrupted_run(base_cfg: Config, tmp_p
     a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    fresh = train_lora(cfg, resume=False, **settings)  # starting afresh gives the same again
+    before = sorted(p.name for p in resumed.checkpoints)
+    with pytest.warns(UserWarning, match="moved aside|kept in"):
+        fresh = train_lora(cfg, resume=False, **settings)  # starting afresh gives the same again
     assert fresh.resumed_from == 0 and fresh.losses == whole.losses
+    # the run that was not resumed is set aside, never deleted
+    aside = cfg.lora_dir / "checkpoints.set-aside-1"
+    assert sorted(p.name for p in aside.glob("step-*.pt")) == before
 
 
 def test_nan_loss_stops_with_clear_error_keeping_last_checkpoint(cfg: Config,
@@ -323,12 +327,12 @@ def test_main_train_cli(cfg: Config, capsys: pytest.CaptureFixture[str], tmp_pat
     argv = ["--workdir", str(cfg.workdir), "--config", str(config), "--profile", "tiny", "--steps", "1",
             "--rank", "4", "--alpha", "2", "--lr", "1e-3", "--batch-size", "2", "--grad-accum", "1",
             "--precision", "32", "--resolution", str(RES), "--seed", "1", "--save-every", "1"]
-    assert main_train(argv) == 0
+    assert cli_main(["train", *argv]) == 0
     assert "LoRA:" in capsys.readouterr().out
     with safe_open(str(cfg.lora_dir / FINAL_NAME), "pt") as f:
         meta = f.metadata()
     assert (meta["rank"], meta["alpha"], meta["batch_size"], meta["seed"]) == ("4", "2.0", "2", "1")
-    assert main_train(["--workdir", str(tmp_path / "empty"), "--profile", "tiny"]) == 2  # no data yet
+    assert cli_main(["train", "--workdir", str(tmp_path / "empty"), "--profile", "tiny"]) == 2  # no data yet
 
 
 def test_estimate_full_profile() -> None:
@@ -362,3 +366,29 @@ def test_result_says_what_this_run_did(tmp_path: Path) -> None:
     assert result(30, 10).startswith("resumed at step 10, trained 20 more (10.00 steps/s)")
     assert result(30, 0).startswith("trained 30 steps (15.00 steps/s)")
     assert str(tmp_path / "l.safetensors") in result(30, 0)
+
+
+def test_validation_images_use_the_storyboard_renderer_and_settings(cfg: Config,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation goes through DiffSynth's pipeline call with step 04's settings, not a second sampling loop."""
+    from diffsynth import SDXLImagePipeline
+
+    from kolors_lib.story import load_story, render_settings
+
+    calls = []
+    real_call = SDXLImagePipeline.__call__
+
+    def recording(self, prompt, **kwargs):  # noqa: ANN001, ANN202 - records, then runs the real call
+        calls.append({"prompt": prompt, **kwargs})
+        return real_call(self, prompt, **kwargs)
+
+    monkeypatch.setattr(SDXLImagePipeline, "__call__", recording)
+    cfg.train.validation_prompts = ["a dog"]
+    train_lora(cfg, steps=2, validate_every=2, **FAST)
+    settings = render_settings(cfg, load_story(cfg.generate.story))
+    assert len(calls) == 1
+    call = calls[0]
+    assert call["prompt"] == f"{cfg.filter.trigger_word}, a dog"  # trigger word first, as in step 04
+    assert (call["negative_prompt"], call["num_inference_steps"], call["cfg_scale"], call["width"],
+            call["height"]) == (settings.negative, settings.steps, settings.cfg_scale, settings.width,
+                                settings.height)

@@ -1,0 +1,266 @@
+"""Step 03's encode-once cache: every caption through ChatGLM and every image through the VAE, once.
+
+`build_cache` encodes what is missing (keys: content + encoder identity + dtype + crop), then frees the
+encoders; `CachedDataset` serves training items from the cache alone, fixed by (seed, index) so a
+resumed run sees exactly the items an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gc
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kolors_lib.config import Config
+from kolors_lib.devices import resolve_device
+from kolors_lib.errors import TrainingError
+from kolors_lib.files import save_safetensors, write_text
+
+CACHE_VERSION = "1"
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def content_hash(*parts: str | bytes) -> str:
+    """SHA-256 (hex) of the parts, each followed by a NUL so that part boundaries count."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else part.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _file_print(path: Path, chunk: int = 1 << 20) -> str:
+    """Cheap content print of a (possibly 10 GB) file: size + first and last MiB."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(chunk)
+        f.seek(max(size - chunk, 0))
+        tail = f.read(chunk)
+    return content_hash(str(size), head, tail)
+
+
+def model_identity(path: str | Path) -> str:
+    """Identity of a model file or folder (names, sizes and content prints of its files)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    root = path if path.is_dir() else path.parent
+    return content_hash(*(f"{p.relative_to(root)}:{_file_print(p)}" for p in files))[:16]
+
+
+def text_key(caption: str, encoder_id: str, dtype: torch.dtype) -> str:
+    """Cache key of one caption's encoding."""
+    return content_hash("text", CACHE_VERSION, caption, encoder_id, str(dtype))[:32]
+
+
+def image_key(data: bytes, resolution: int, crop: str, flip: bool, vae_id: str, dtype: torch.dtype) -> str:
+    """Cache key of one image's latents (bytes, resolution, crop mode, flip copy, VAE, dtype)."""
+    return content_hash("image", CACHE_VERSION, data, str(resolution), crop, str(flip), vae_id, str(dtype))[:32]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def model_dtype(precision: str, device: str) -> torch.dtype:
+    """Weights dtype for a Lightning precision, as the stock script (fp32 for "32", else half)."""
+    if "32" in str(precision) or torch.device(device).type == "cpu" and str(precision).startswith("16"):
+        # fp16 convolutions on CPU are slow and partly missing; autocast still runs the math in fp16
+        return torch.float32
+    return torch.bfloat16 if str(precision).startswith("bf16") else torch.float16
+
+
+@dataclass
+class Sample:
+    """One training image: its caption and cache keys."""
+
+    file_name: str
+    text: str
+    image_key: str = ""
+    text_key: str = ""
+
+
+def read_metadata(train_dir: Path) -> list[Sample]:
+    """Rows of DiffSynth's train/metadata.csv (file_name,text)."""
+    meta = Path(train_dir) / "metadata.csv"
+    if not meta.is_file():
+        raise TrainingError(f"{meta} not found: run step 02 (data filter) first")
+    with open(meta, newline="", encoding="utf-8") as f:
+        rows = [Sample(r["file_name"], r.get("text") or "") for r in csv.DictReader(f)]
+    if not rows:
+        raise TrainingError(f"{meta} lists no images")
+    return rows
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def load_image_tensor(path: Path, resolution: int, center_crop: bool, seed: int) -> torch.Tensor:
+    """Image -> [3,R,R] in [-1,1], resized and cropped exactly like DiffSynth's TextImageDataset.
+
+    Without center_crop the stock dataset crops at random each step; a cache needs one crop,
+    so we take a random crop fixed by (seed, image bytes).
+    """
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms
+
+    image = Image.open(path).convert("RGB")
+    width, height = image.size
+    scale = max(resolution / width, resolution / height)
+    shape = [round(height * scale), round(width * scale)]
+    bilinear = transforms.InterpolationMode.BILINEAR
+    image = torchvision.transforms.functional.resize(image, shape, interpolation=bilinear)
+    if center_crop:
+        image = transforms.CenterCrop((resolution, resolution))(image)
+    else:
+        g = torch.Generator().manual_seed(seed + int(content_hash(Path(path).read_bytes())[:8], 16))
+        top = int(torch.randint(0, shape[0] - resolution + 1, (1,), generator=g))
+        left = int(torch.randint(0, shape[1] - resolution + 1, (1,), generator=g))
+        image = transforms.functional.crop(image, top, left, resolution, resolution)
+    tensor = transforms.ToTensor()(image)
+    return transforms.Normalize([0.5], [0.5])(tensor)
+
+
+def _free(*objs: Any) -> None:
+    """Drop references and give the memory back (CUDA cache too)."""
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class CacheReport:
+    """What build_cache did."""
+
+    root: Path
+    samples: list[Sample]
+    encoded_texts: int = 0
+    encoded_images: int = 0
+    validation_keys: dict[str, str] = field(default_factory=dict)
+    negative_key: str = ""
+
+
+def build_cache(cfg: Config, extra_prompts: Sequence[str] = (), negative: str = "") -> CacheReport:
+    """Encode captions (ChatGLM) and images (fp16-fix VAE) missing from the cache, then free the encoders.
+
+    `extra_prompts` and `negative` (validation images) are encoded too; `negative` becomes negative_key.
+    """
+    from kolors_lib.models import kolors_paths, resolve_model
+
+    root = cfg.lora_dir / "cache"
+    samples = read_metadata(cfg.train_dir)
+    paths = kolors_paths(cfg)
+    vae_file = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
+    device = resolve_device(cfg.device)
+    dtype = model_dtype(cfg.train.precision, device)
+    te_id, vae_id = model_identity(paths.text_encoder), model_identity(vae_file)
+    crop = "center" if cfg.train.center_crop else f"fixed-random-{cfg.seed}"
+    for s in samples:
+        img = cfg.train_dir / s.file_name
+        if not img.is_file():
+            raise TrainingError(f"{img} is listed in metadata.csv but missing")
+        s.text_key = text_key(s.text, te_id, dtype)
+        s.image_key = image_key(img.read_bytes(), cfg.resolution, crop, cfg.train.random_flip, vae_id, dtype)
+    prompts = {p: text_key(p, te_id, dtype) for p in [*extra_prompts, negative]}
+    texts = {s.text_key: s.text for s in samples} | {k: p for p, k in prompts.items()}
+    todo_text = {k: t for k, t in texts.items() if not (root / "text" / f"{k}.safetensors").is_file()}
+    todo_img = {s.image_key: s for s in samples
+                if not (root / "latents" / f"{s.image_key}.safetensors").is_file()}
+    report = CacheReport(root, samples, len(todo_text), len(todo_img),
+                         {p: k for p, k in prompts.items() if p}, prompts[negative])
+    if todo_text or todo_img:
+        _encode(cfg, paths.text_encoder if todo_text else None, vae_file if todo_img else None,
+                todo_text, todo_img, device, dtype, root, crop, te_id, vae_id)
+    index = [{"file_name": s.file_name, "text": s.text, "text_key": s.text_key, "image_key": s.image_key}
+             for s in samples]
+    write_text(root / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
+    return report
+
+
+def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts: dict[str, str],
+            images: dict[str, Sample], device: str, dtype: torch.dtype, root: Path, crop: str,
+            te_id: str, vae_id: str) -> None:
+    """Load only the encoders needed, run them once per item, write the cache, free them."""
+    from diffsynth import SDXLImagePipeline
+
+    from kolors_lib.models import load_model_manager
+
+    files = [f for f in (text_encoder, vae_file) if f is not None]
+    manager = load_model_manager(files, device=device, dtype=dtype)
+    with contextlib.redirect_stdout(io.StringIO()):  # "Using ... / No ... available" per model kind
+        pipe = SDXLImagePipeline.from_model_manager(manager)
+    with torch.no_grad():
+        for key, caption in texts.items():
+            # the stock trainer's exact call: pipe.encode_prompt(text, positive=True)
+            emb = pipe.encode_prompt([caption], positive=True)
+            save_safetensors({"encoder_hidden_states": emb["encoder_hidden_states"][0],
+                                      "add_text_embeds": emb["add_text_embeds"][0]},
+                                     root / "text" / f"{key}.safetensors",
+                                     {"caption": caption, "encoder": te_id, "dtype": str(dtype)})
+        for key, s in images.items():
+            image = load_image_tensor(cfg.train_dir / s.file_name, cfg.resolution, cfg.train.center_crop,
+                                      cfg.seed)
+            batch = torch.stack([image, image.flip(-1)]) if cfg.train.random_flip else image[None]
+            latents = pipe.vae_encoder(batch.to(dtype=dtype, device=device))
+            tensors = {"latents": latents[0]}
+            if cfg.train.random_flip:
+                # the VAE is not exactly flip-equivariant: encode the mirrored image too
+                tensors["latents_flipped"] = latents[1]
+            save_safetensors(tensors, root / "latents" / f"{key}.safetensors",
+                                     {"file_name": s.file_name, "resolution": str(cfg.resolution),
+                                      "crop": crop, "vae": vae_id, "dtype": str(dtype)})
+    pipe.text_encoder_kolors = pipe.vae_encoder = pipe.prompter.text_encoder = None
+    manager.model.clear()
+    _free(manager, pipe)
+
+
+def load_text(root: Path, key: str) -> dict[str, torch.Tensor]:
+    """One cached caption encoding: encoder_hidden_states [256,D], add_text_embeds [D]."""
+    from safetensors.torch import load_file
+
+    return load_file(str(root / "text" / f"{key}.safetensors"))
+
+
+def load_latents(root: Path, key: str) -> dict[str, torch.Tensor]:
+    """One cached image: latents [4,h,w] (+ latents_flipped)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(root / "latents" / f"{key}.safetensors"))
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Training items read from the cache; item i of the run is fixed by (seed, i) so resuming is exact.
+
+    Every pass over the data is a fresh permutation (no repeats within a pass), and with
+    random_flip each item takes the mirrored latents with probability 1/2.
+    """
+
+    def __init__(self, report: CacheReport, start: int, length: int, seed: int, random_flip: bool):
+        self.start, self.length, self.seed, self.random_flip = start, length, seed, random_flip
+        self.latents = [load_latents(report.root, s.image_key) for s in report.samples]
+        texts = {s.text_key: load_text(report.root, s.text_key) for s in report.samples}
+        self.texts = [texts[s.text_key] for s in report.samples]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        n = len(self.latents)
+        absolute = self.start + index
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + absolute // n))
+        pick = int(perm[absolute % n])
+        lat = self.latents[pick]
+        flip = self.random_flip and bool(torch.rand(1, generator=torch.Generator().manual_seed(
+            self.seed * 7_919 + absolute)) < 0.5)
+        return {"latents": lat["latents_flipped"] if flip else lat["latents"], **self.texts[pick]}

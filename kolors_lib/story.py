@@ -1,0 +1,146 @@
+"""The story file: 8 scenes (caption, prompt, seed) plus the settings every panel shares.
+
+`load_story` validates a story YAML before any model loads; `with_trigger` puts the LoRA's trigger
+word first, as in the training captions; `render_settings` applies the profile's overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kolors_lib.config import N_PANELS, Config
+from kolors_lib.errors import ConfigError, StoryError
+
+N_SCENES = N_PANELS
+SIZE_MULTIPLE = 64  # DiffSynth's SDXL/Kolors pipeline rounds height/width up to multiples of 64
+STORY_KEYS = ("title", "negative", "cfg_scale", "steps", "width", "height", "scenes")
+SCENE_KEYS = ("scene", "prompt", "seed")
+_MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class Scene:
+    """One panel: a caption, the prompt and its seed."""
+
+    scene: str
+    prompt: str
+    seed: int
+
+
+@dataclass
+class Story:
+    """A validated story file: 8 scenes plus the settings shared by all panels."""
+
+    title: str
+    negative: str
+    cfg_scale: float
+    steps: int
+    width: int
+    height: int
+    scenes: list[Scene]
+    path: Path | None = None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_story(path: str | Path) -> Story:
+    """Read and validate a story YAML; every problem found is listed in one StoryError.
+
+    Checks: known keys only (top level and per scene), exactly 8 scenes, non-empty prompts, integer
+    seeds in [0, 2**63), positive integer steps, a positive cfg_scale, width/height multiples of 64.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoryError(f"story file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise StoryError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise StoryError(f"{path}: expected a mapping with a 'scenes' list at the top level")
+    problems: list[str] = []
+    unknown = sorted(set(map(str, raw)) - set(STORY_KEYS))
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(STORY_KEYS)})")
+    title = raw.get("title") or path.stem
+    negative = raw.get("negative") or ""
+    if not isinstance(negative, str):
+        problems.append("'negative' must be a string")
+    cfg_scale = raw.get("cfg_scale", 4.0)
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale > 0:
+        problems.append(f"cfg_scale must be a positive number, not {cfg_scale!r}")
+    steps = raw.get("steps", 50)
+    if not _is_int(steps) or steps < 1:
+        problems.append(f"steps must be a positive integer, not {steps!r}")
+    sizes = {}
+    for key in ("width", "height"):
+        value = raw.get(key, 1024)
+        sizes[key] = value
+        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+            problems.append(f"{key} must be a positive multiple of {SIZE_MULTIPLE} (Kolors' UNet halves the "
+                            f"8x-downsampled latent 3 times), not {value!r}")
+    scenes_raw = raw.get("scenes")
+    scenes: list[Scene] = []
+    if not isinstance(scenes_raw, list):
+        problems.append("'scenes' must be a list of 8 scenes (scene, prompt, seed)")
+        scenes_raw = []
+    elif len(scenes_raw) != N_SCENES:
+        problems.append(f"expected exactly {N_SCENES} scenes, found {len(scenes_raw)}")
+    for number, item in enumerate(scenes_raw, start=1):
+        where = f"scene {number}"
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected a mapping with scene, prompt, seed")
+            continue
+        bad = sorted(set(map(str, item)) - set(SCENE_KEYS))
+        if bad:
+            problems.append(f"{where}: unknown key(s) {', '.join(bad)} (known: {', '.join(SCENE_KEYS)})")
+        prompt = item.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            problems.append(f"{where}: prompt is empty or missing")
+        seed = item.get("seed")
+        if not _is_int(seed) or not 0 <= seed <= _MAX_SEED:
+            problems.append(f"{where}: seed must be an integer in [0, 2**63), not {seed!r}")
+        caption = item.get("scene", "")
+        scenes.append(Scene(str(caption or f"scene {number}"), str(prompt or "").strip(), seed))
+    if problems:
+        raise StoryError(f"{path}: " + "; ".join(problems))
+    return Story(str(title), negative.strip(), float(cfg_scale), steps, sizes["width"], sizes["height"],
+                 scenes, path.resolve())
+
+
+def with_trigger(prompt: str, trigger_word: str | None) -> str:
+    """`prompt` with the trigger word first (as in the training captions) unless it is already there."""
+    trigger = (trigger_word or "").strip()
+    if not trigger or trigger in prompt:
+        return prompt
+    return f"{trigger}, {prompt}"
+
+
+@dataclass
+class RenderSettings:
+    """The values every panel of one run shares (story file + the profile's overrides)."""
+
+    negative: str
+    cfg_scale: float
+    steps: int
+    width: int
+    height: int
+
+
+def render_settings(cfg: Config, story: Story) -> RenderSettings:
+    """Story values, with cfg.generate.steps/width/height overriding them where set."""
+    gen = cfg.generate
+    steps = gen.steps or story.steps
+    width, height = gen.width or story.width, gen.height or story.height
+    for key, value in (("width", width), ("height", height)):
+        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+            raise ConfigError(f"generate.{key} must be a positive multiple of {SIZE_MULTIPLE}, not {value!r}")
+    if not _is_int(steps) or steps < 1:
+        raise ConfigError(f"generate.steps must be a positive integer, not {steps!r}")
+    return RenderSettings(story.negative, story.cfg_scale, steps, width, height)
