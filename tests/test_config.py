@@ -110,3 +110,14 @@ def test_apply_overrides_uses_the_same_route(tmp_path: Path) -> None:
     assert cfg.train.steps != 3  # a copy: the loaded config is unchanged
     with pytest.raises(ConfigError, match=r"override 'lora\.alfa'"):
         apply_overrides(cfg, {"lora.alfa": 1})
+
+
+def test_every_setting_has_its_default_in_default_yaml() -> None:
+    import dataclasses
+
+    import yaml
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    missing = [f"{name}.{f.name}" for name, cls in config_mod._SECTIONS.items() if name != "models"
+               for f in dataclasses.fields(cls) if f.name not in (raw.get(name) or {})]
+    assert missing == []
