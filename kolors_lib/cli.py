@@ -13,6 +13,7 @@ from kolors_lib.args import (
     build_export_parser,
     build_publish_parser,
     build_score_parser,
+    build_story_parser,
     build_storyboard_parser,
     build_train_parser,
 )
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         "publish", help="step 06: assemble the model page and upload it to ModelScope (--dry-run shows the plan)"))
     build_storyboard_parser(sub.add_parser(
         "storyboard", help="step 04: render the 8-panel story with the LoRA (grid + reproducible manifest)"))
+    build_story_parser(sub.add_parser(
+        "story", help="story files: `story draft SCENES.txt` drafts the 8 prompts with an LLM (the camp's template)"))
     build_score_parser(sub.add_parser(
         "score", help="step 05: aesthetic score per panel, the mean vs the gate, style consistency"))
 
@@ -91,6 +94,10 @@ def _run(args: argparse.Namespace) -> int:
         from kolors_lib.generation import run_storyboard
 
         return run_storyboard(args)
+    if args.command == "story":
+        from kolors_lib.drafting import run_story
+
+        return run_story(args)
     if args.command == "score":
         from kolors_lib.scoring import run_score
 
