@@ -60,6 +60,9 @@ def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> ar
     p.add_argument("--lora", type=Path, default=None,
                    help="LoRA .safetensors (default: <workdir>/lora/kolors_lora.safetensors)")
     p.add_argument("--sweep", action="store_true", help="also render scene 1 at generate.sweep_strengths")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="best-of-N: draft N seeds per scene, keep the best by score and consistency "
+                        "(cost N x 8 x draft steps; default: generate.candidates, 1)")
     return p
 
 

@@ -617,13 +617,20 @@ def _kolors_root(cfg: Config) -> Path:
 
 
 def render_storyboard(cfg: Config, story_path: str | Path | None = None, strength: float | None = None,
-                      lora_path: str | Path | None = None, progress: bool = True) -> StoryboardResult:
-    """Render the story's 8 panels with Kolors + LoRA; write panels, storyboard.png and manifest.json."""
+                      lora_path: str | Path | None = None, progress: bool = True,
+                      candidates: int | None = None) -> StoryboardResult:
+    """Render the story's 8 panels with Kolors + LoRA; write panels, storyboard.png and manifest.json.
+
+    candidates > 1 (default generate.candidates): best-of-N seeds per scene, see kolors_lib/selection.py.
+    """
     from tqdm.auto import tqdm
+
+    from kolors_lib.selection import choose_seeds, draft_plan
 
     start = time.monotonic()
     story = load_story(story_path or cfg.generate.story)  # before any model is loaded
     settings = render_settings(cfg, story)
+    plan = draft_plan(cfg, settings, cfg.generate.candidates if candidates is None else candidates)
     strength = float(cfg.generate.strength if strength is None else strength)
     trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
     prompts = [with_trigger(s.prompt, trigger) for s in story.scenes]
@@ -638,16 +645,21 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
     renderer.encode(prompts, [settings.negative])
     LoraMerger(renderer.unet, lora).set(strength)
+    selection = None
+    if plan.candidates > 1:  # best-of-N: draft, score and choose one seed per scene
+        selection = choose_seeds(cfg, renderer, prompts, [s.seed for s in story.scenes], plan, progress)
+    seeds = selection.seeds if selection else [s.seed for s in story.scenes]
     panels = []
-    bar = tqdm(list(zip(story.scenes, prompts, strict=True)), desc="panels", unit="panel", disable=not progress)
-    for number, (scene, prompt) in enumerate(bar, start=1):
-        image = renderer.render(prompt, settings.negative, scene.seed, settings.steps, settings.cfg_scale,
+    bar = tqdm(list(zip(seeds, prompts, strict=True)), desc="panels", unit="panel", disable=not progress)
+    for number, (seed, prompt) in enumerate(bar, start=1):
+        image = renderer.render(prompt, settings.negative, seed, settings.steps, settings.cfg_scale,
                                 settings.width, settings.height)
         panels.append(save_png(image, out / f"panel_{number:02d}.png"))
 
     font = find_cjk_font(story.title + "".join(s.scene for s in story.scenes))
     title = story.title if font is not None or story.title.isascii() else (story.path.stem if story.path else "")
-    grid = save_figure(grid_figure(panels, panel_captions(story.scenes, font), title=title, font=font),
+    drawn = [Scene(s.scene, s.prompt, seed) for s, seed in zip(story.scenes, seeds, strict=True)]
+    grid = save_figure(grid_figure(panels, panel_captions(drawn, font), title=title, font=font),
                        out / GRID_NAME)
     shared = {"negative": settings.negative, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
               "width": settings.width, "height": settings.height}
@@ -668,8 +680,9 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
                      "transformers": _version("transformers")},
         **shared,
         "panels": [{"index": i, "file": p.name, "scene": s.scene, "prompt": prompt, "story_prompt": s.prompt,
-                    "seed": s.seed, **shared, "sha256": sha256_file(p)}
+                    "seed": seeds[i], "story_seed": s.seed, **shared, "sha256": sha256_file(p)}
                    for i, (p, s, prompt) in enumerate(zip(panels, story.scenes, prompts, strict=True))],
+        "selection": selection.to_dict() if selection else None,
         "grid": grid.name,
         "peak_memory_bytes": renderer.peak_memory,
     }
@@ -820,7 +833,7 @@ def run_storyboard(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, profile=args.profile, workdir=args.workdir)
-        result = render_storyboard(cfg, args.story, args.strength, args.lora)
+        result = render_storyboard(cfg, args.story, args.strength, args.lora, candidates=args.candidates)
         print(f"storyboard: {result.grid}")
         print(f"manifest: {result.manifest}")
         if args.sweep:
