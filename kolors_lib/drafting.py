@@ -221,6 +221,8 @@ def draft_story(scenes_file: str | Path, out: str | Path | None = None, base_url
     out = Path(out) if out is not None else default_out(scenes_file)
     if out.exists() and not force:
         raise DraftError(f"{out} exists (your edits?); pass --force to replace it or --out another file")
+    from openai import OpenAIError
+
     key = os.environ.get(api_key_env, "").strip()
     prompts, note = None, ""
     if not key:
@@ -228,7 +230,7 @@ def draft_story(scenes_file: str | Path, out: str | Path | None = None, base_url
     else:
         try:
             prompts = ask_llm(scenes, base_url, model, key, timeout)
-        except Exception as err:  # any failure of the endpoint or its answer falls back to the template
+        except (OpenAIError, ValueError) as err:  # the endpoint or its answer failed: use the template
             note = _failure(err, base_url, api_key_env, timeout).replace(key, "***")
     title = scenes_file.stem
     if prompts is not None:

@@ -631,6 +631,8 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     story = load_story(story_path or cfg.generate.story)  # before any model is loaded
     settings = render_settings(cfg, story)
     plan = draft_plan(cfg, settings, cfg.generate.candidates if candidates is None else candidates)
+    if plan.candidates > 1 and progress:
+        print(plan.cost_line(len(story.scenes)))  # before minutes of model loading
     strength = float(cfg.generate.strength if strength is None else strength)
     trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
     prompts = [with_trigger(s.prompt, trigger) for s in story.scenes]

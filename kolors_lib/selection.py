@@ -215,8 +215,6 @@ def choose_seeds(cfg: Config, renderer: KolorsRenderer, prompts: Sequence[str], 
     """Draft, score and choose one seed per scene (see the module's docstring for the objective)."""
     from kolors_lib.scoring import score_folder
 
-    if progress:
-        print(plan.cost_line(len(prompts)))
     folder = cfg.storyboard_dir / CANDIDATES_DIR
     scenes = render_drafts(renderer, prompts, seeds, plan, folder, progress)
     result = score_folder(cfg, folder, write=False)
