@@ -58,6 +58,9 @@ def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> ar
     p.add_argument("--lora", type=Path, default=None,
                    help="LoRA .safetensors (default: <workdir>/lora/kolors_lora.safetensors)")
     p.add_argument("--sweep", action="store_true", help="also render scene 1 at generate.sweep_strengths")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="best-of-N: draft N seeds per scene, keep the best by score and consistency "
+                        "(cost N x 8 x draft steps; default: generate.candidates, 1)")
     return p
 
 
@@ -81,3 +84,21 @@ def build_publish_parser(parser: argparse.ArgumentParser | None = None) -> argpa
                    help="assemble and list what would be uploaded, upload nothing (no token needed)")
     p.add_argument("--private", action="store_true", help="create the repo as private (default: public)")
     return add_common(p)
+
+
+def build_story_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `story draft SCENES.txt [--out FILE] [--base-url URL] [--model NAME] [--api-key-env NAME]`."""
+    p = _parser(parser, "story", "story files: draft one from a scene list")
+    sub = p.add_subparsers(dest="story_command", required=True)
+    draft = sub.add_parser("draft", help="draft the prompts of 8 scenes with an LLM (the camp's template)")
+    draft.add_argument("scenes", type=Path, help="text file: 8 scene descriptions, one per line")
+    draft.add_argument("--out", type=Path, default=None, help="story file to write (default: SCENES.story.yaml)")
+    # defaults (None here) live in kolors_lib.drafting, which this light module does not import
+    draft.add_argument("--base-url", default=None,
+                       help="OpenAI-compatible endpoint (default: ModelScope API-Inference; DashScope works too)")
+    draft.add_argument("--model", default=None, help="chat model at that endpoint (default: a Qwen instruct model)")
+    draft.add_argument("--api-key-env", default=None,
+                       help="environment variable holding the API key (default: MODELSCOPE_API_TOKEN; never printed)")
+    draft.add_argument("--timeout", type=float, default=None, help="seconds to wait for the answer (default: 60)")
+    draft.add_argument("--force", action="store_true", help="replace an existing story file")
+    return p

@@ -14,6 +14,7 @@ from kolors_lib.args import (
     build_export_parser,
     build_publish_parser,
     build_score_parser,
+    build_story_parser,
     build_storyboard_parser,
     build_train_parser,
 )
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "publish", help="step 06: assemble the model page and upload it to ModelScope (--dry-run shows the plan)"))
     build_storyboard_parser(sub.add_parser(
         "storyboard", help="step 04: render the 8-panel story with the LoRA (grid + reproducible manifest)"))
+    build_story_parser(sub.add_parser(
+        "story", help="story files: `story draft SCENES.txt` drafts the 8 prompts with an LLM (the camp's template)"))
     build_score_parser(sub.add_parser(
         "score", help="step 05: aesthetic score per panel, the mean vs the gate, style consistency"))
 
@@ -126,11 +129,23 @@ def _storyboard(args: argparse.Namespace) -> int:
     from kolors_lib.generation import render_storyboard, strength_sweep
 
     cfg = _config(args)
-    result = render_storyboard(cfg, args.story, args.strength, args.lora)
+    result = render_storyboard(cfg, args.story, args.strength, args.lora, candidates=args.candidates)
     print(f"storyboard: {result.grid}")
     print(f"manifest: {result.manifest}")
     if args.sweep:
         print(f"sweep: {strength_sweep(cfg, 0, story_path=args.story, lora_path=args.lora)}")
+    return 0
+
+
+def _story(args: argparse.Namespace) -> int:
+    """`story draft`: 0 when a story file was written (from the LLM or the template rules)."""
+    from kolors_lib.drafting import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, DEFAULT_MODEL, DEFAULT_TIMEOUT, draft_story
+
+    result = draft_story(args.scenes, args.out, args.base_url or DEFAULT_BASE_URL, args.model or DEFAULT_MODEL,
+                         args.api_key_env or DEFAULT_KEY_ENV, args.timeout or DEFAULT_TIMEOUT, args.force)
+    if result.note:
+        print(f"note: {result.note}; wrote a story composed from the template's rules instead", file=sys.stderr)
+    print(f"story: {result.path} ({'drafted by the LLM' if result.source == 'llm' else 'from the template rules'})")
     return 0
 
 
@@ -165,7 +180,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"tiny-kolors": _tiny_kolors, "models": _models, "data": _data, "train": _train,
-            "storyboard": _storyboard, "score": _score, "publish": _publish, "export-lora": _export}
+            "storyboard": _storyboard, "story": _story, "score": _score, "publish": _publish, "export-lora": _export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -125,6 +125,11 @@ class GenerateConfig:
     height: int | None = None
     sweep_strengths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     offload_text_encoder: bool = True
+    # best-of-N (kolors_lib/selection.py): seeds drafted per scene, draft settings, the objective's weight
+    candidates: int = 1
+    draft_steps: int | None = None
+    draft_scale: float = 1.0
+    consistency_weight: float = 5.0
 
 
 @dataclass

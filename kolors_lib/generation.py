@@ -451,7 +451,8 @@ def prepare_renderer(cfg: Config, lora_path: str | Path | None, prompts: Sequenc
 
 
 def _storyboard_manifest(cfg: Config, story: Story, settings: RenderSettings, lora: LoraSpec, strength: float,
-                         renderer: KolorsRenderer, panels: list[Path], prompts: list[str], grid: Path) -> dict:
+                         renderer: KolorsRenderer, panels: list[Path], prompts: list[str], grid: Path,
+                         seeds: list[int], selection: Any = None) -> dict:
     """manifest.json: everything needed to re-render any panel (see `reproduce`)."""
     shared = {"negative": settings.negative, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
               "width": settings.width, "height": settings.height}
@@ -472,21 +473,31 @@ def _storyboard_manifest(cfg: Config, story: Story, settings: RenderSettings, lo
                      "transformers": _version("transformers")},
         **shared,
         "panels": [{"index": i, "file": p.name, "scene": s.scene, "prompt": prompt, "story_prompt": s.prompt,
-                    "seed": s.seed, **shared, "sha256": sha256_file(p)}
+                    "seed": seeds[i], "story_seed": s.seed, **shared, "sha256": sha256_file(p)}
                    for i, (p, s, prompt) in enumerate(zip(panels, story.scenes, prompts, strict=True))],
+        "selection": selection.to_dict() if selection else None,
         "grid": grid.name,
         "peak_memory_bytes": renderer.peak_memory,
     }
 
 
 def render_storyboard(cfg: Config, story_path: str | Path | None = None, strength: float | None = None,
-                      lora_path: str | Path | None = None, progress: bool = True) -> StoryboardResult:
-    """Render the story's 8 panels with Kolors + LoRA; write panels, storyboard.png and manifest.json."""
+                      lora_path: str | Path | None = None, progress: bool = True,
+                      candidates: int | None = None) -> StoryboardResult:
+    """Render the story's 8 panels with Kolors + LoRA; write panels, storyboard.png and manifest.json.
+
+    candidates > 1 (default generate.candidates): best-of-N seeds per scene, see kolors_lib/selection.py.
+    """
     from tqdm.auto import tqdm
+
+    from kolors_lib.selection import choose_seeds, draft_plan
 
     start = time.monotonic()
     story = load_story(story_path or cfg.generate.story)  # before any model is loaded
     settings = render_settings(cfg, story)
+    plan = draft_plan(cfg, settings, cfg.generate.candidates if candidates is None else candidates)
+    if plan.candidates > 1 and progress:
+        print(plan.cost_line(len(story.scenes)))  # before minutes of model loading
     strength = float(cfg.generate.strength if strength is None else strength)
     prompts = [with_trigger(s.prompt, trigger_word(cfg)) for s in story.scenes]
     out = cfg.storyboard_dir
@@ -494,18 +505,24 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     cfg.manifest_path.unlink(missing_ok=True)  # never leave a manifest describing other panels
     lora, renderer = prepare_renderer(cfg, lora_path, prompts, [settings.negative])
     LoraMerger(renderer.unet, lora).set(strength)
+    selection = None
+    if plan.candidates > 1:  # best-of-N: draft, score and choose one seed per scene
+        selection = choose_seeds(cfg, renderer, prompts, [s.seed for s in story.scenes], plan, progress)
+    seeds = selection.seeds if selection else [s.seed for s in story.scenes]
     panels = []
-    bar = tqdm(list(zip(story.scenes, prompts, strict=True)), desc="panels", unit="panel", disable=not progress)
-    for number, (scene, prompt) in enumerate(bar, start=1):
-        image = renderer.render(prompt, settings.negative, scene.seed, settings.steps, settings.cfg_scale,
+    bar = tqdm(list(zip(seeds, prompts, strict=True)), desc="panels", unit="panel", disable=not progress)
+    for number, (seed, prompt) in enumerate(bar, start=1):
+        image = renderer.render(prompt, settings.negative, seed, settings.steps, settings.cfg_scale,
                                 settings.width, settings.height)
         panels.append(save_png(image, out / panel_file(number)))
 
     font = find_cjk_font(story.title + "".join(s.scene for s in story.scenes))
     title = story.title if font is not None or story.title.isascii() else (story.path.stem if story.path else "")
-    grid = save_figure(grid_figure(panels, panel_captions(story.scenes, font), title=title, font=font),
+    drawn = [Scene(s.scene, s.prompt, seed) for s, seed in zip(story.scenes, seeds, strict=True)]
+    grid = save_figure(grid_figure(panels, panel_captions(drawn, font), title=title, font=font),
                        cfg.grid_path)
-    manifest = _storyboard_manifest(cfg, story, settings, lora, strength, renderer, panels, prompts, grid)
+    manifest = _storyboard_manifest(cfg, story, settings, lora, strength, renderer, panels, prompts, grid, seeds,
+                                    selection)
     manifest_path = write_json(manifest, cfg.manifest_path)
     return StoryboardResult(out, panels, grid, manifest_path, prompts, strength, time.monotonic() - start,
                             dict(renderer.peak_memory), font)

@@ -75,6 +75,7 @@ class ScoreResult:
     ignored: list[str] = field(default_factory=list)
     csv_path: Path | None = None
     json_path: Path | None = None
+    embeddings: dict[str, Any] = field(default_factory=dict)  # file -> normalised CLIP image embedding
 
     @property
     def passed(self) -> bool:
@@ -341,7 +342,7 @@ def score_folder(
         unreadable=unreadable, mean=sum(scores[n] for n in panels) / len(panels),
         gate=float(cfg.score.gate if gate is None else gate), consistency=consistency,
         consistency_to_others=to_others, least_consistent=least, model_id=cfg.models.aesthetic.model_id,
-        model_folder=model_folder, ignored=others)
+        model_folder=model_folder, ignored=others, embeddings=embeds)
     if write:
         result.csv_path, result.json_path = write_scores(result, cfg.scores_dir)
     return result

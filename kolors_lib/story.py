@@ -12,13 +12,14 @@ from typing import Any
 
 import yaml
 
+from kolors_lib import storyfile
 from kolors_lib.config import N_PANELS, Config
 from kolors_lib.errors import ConfigError, StoryError
 
 N_SCENES = N_PANELS
 SIZE_MULTIPLE = 64  # DiffSynth's SDXL/Kolors pipeline rounds height/width up to multiples of 64
-STORY_KEYS = ("title", "negative", "cfg_scale", "steps", "width", "height", "scenes")
-SCENE_KEYS = ("scene", "prompt", "seed")
+STORY_KEYS = ("title", "negative", "cfg_scale", "steps", "width", "height", "scenes", *storyfile.STORY_KEYS)
+SCENE_KEYS = ("scene", "prompt", "seed", *storyfile.SCENE_KEYS)
 _MAX_SEED = 2**63 - 1
 
 
@@ -64,7 +65,7 @@ def load_story(path: str | Path) -> Story:
         raise StoryError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise StoryError(f"{path}: expected a mapping with a 'scenes' list at the top level")
-    problems: list[str] = []
+    raw, problems = storyfile.compose_story(raw)  # scenes given by parts get their prompt by the one rule
     unknown = sorted(set(map(str, raw)) - set(STORY_KEYS))
     if unknown:
         problems.append(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(STORY_KEYS)})")

@@ -70,7 +70,11 @@ def lora_file(kolors_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def write_story(path: Path, change=None) -> Path:
+    """The course story with finished prompts (scene, prompt, seed), changed by `change`, written to `path`."""
     data = yaml.safe_load((CONFIG_DIR / "story.yaml").read_text(encoding="utf-8"))
+    data = {k: v for k, v in data.items() if k not in ("style", "characters")}
+    data["scenes"] = [{"scene": s.scene, "prompt": s.prompt, "seed": s.seed}
+                      for s in G.load_story(CONFIG_DIR / "story.yaml").scenes]
     if change:
         change(data)
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
