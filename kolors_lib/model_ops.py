@@ -103,6 +103,7 @@ def prepare_model_ops(cfg: Config, process: list[Any], dj_dir: Path, recipe_path
             out.aesthetic_min_score = float(cfg.filter.aesthetic_min_score)
             args.update(hf_scorer_model=str(link), min_score=out.aesthetic_min_score / DJ_AESTHETIC_SCALE,
                         max_score=sys.float_info.max)
+            args.setdefault("num_proc", 1)  # one model copy
         elif name in OPTIONAL_OPS:
             key, arg = OPTIONAL_OPS[name]
             folder = optional_model(cfg, key)
@@ -120,6 +121,10 @@ def prepare_model_ops(cfg: Config, process: list[Any], dj_dir: Path, recipe_path
                         max_new_tokens=f.caption_max_new_tokens, max_pixels=f.caption_max_pixels,
                         device=caption_device(cfg))
             out.caption_mode = f.caption_mode
+        if name == AESTHETIC_OP or name in OPTIONAL_OPS:
+            # Data-Juicer 1.6.1 traces a per-sample filter's removals only in batch mode (without it the
+            # traces stay empty and attribution cannot name this op)
+            args.setdefault("batch_mode", True)
         out.process.append({name: args})
     for line in out.notices:
         print(f"NOTICE: {line}", file=sys.stderr)

@@ -376,6 +376,7 @@ def write_tiny_chatglm(folder: Path, seed: int) -> None:
 
 def write_tiny_aesthetic(folder: Path, seed: int) -> None:
     """A random tiny aesthetic predictor (CLIP vision + linear head) in its repo's layout."""
+    patch_torchvision()  # transformers' CLIP model imports torchvision
     from aesthetics_predictor import AestheticsPredictorV2Linear
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
