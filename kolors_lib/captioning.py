@@ -119,9 +119,8 @@ class KolorsCaptionMapper(Mapper):
         :param args: extra args
         :param kwargs: extra args
         """
-        # a GPU device makes it a CUDA op for Data-Juicer (Ray actors with a GPU); one model per process
+        # a GPU device makes it a CUDA op for Data-Juicer (Ray actors with a GPU)
         kwargs.setdefault("accelerator", "cuda" if str(device).startswith("cuda") else "cpu")
-        kwargs.setdefault("num_proc", 1)
         super().__init__(*args, **kwargs)
         if mode not in MODES:
             raise ValueError(f"{OP_NAME}: mode must be one of {', '.join(MODES)}, not {mode!r}")

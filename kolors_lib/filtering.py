@@ -209,6 +209,9 @@ def resolve_recipe(
         keep_stats_in_res_ds=True,
         # stats are cached by file fingerprint, which misses an image changed on disk
         use_cache=False,
+        # the per-op resource monitor forks a Manager process; forked after torch has run its threads
+        # (the aesthetic filter, the captioner) it can hang, and its numbers are not used here
+        open_monitor=False,
     )
     if executor == "ray":
         out.update(executor_type="ray", ray_address=out.get("ray_address") or "local",
@@ -218,6 +221,11 @@ def resolve_recipe(
         out["process"] = [{DEDUP_OPS.get(name, name): args} for name, args in ops]
     else:
         out.update(executor_type="default", export_path=str(run_dir / "result.jsonl"))
+    # attribution reads filter and dedup traces only; tracing the captioner would send every caption
+    # through the tracer's Manager process, which can hang once this process has run torch threads
+    from kolors_lib.model_ops import CAPTION_OP
+
+    out["op_list_to_trace"] = [n for n, _ in map(_op_name, out["process"]) if n != CAPTION_OP]
     return out
 
 

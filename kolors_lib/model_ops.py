@@ -22,10 +22,13 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kolors_lib.config import Config
 from kolors_lib.filtering import FilterError, _op_name
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 AESTHETIC_OP = "image_aesthetics_filter"
 CAPTION_OP = "kolors_caption_mapper"
@@ -120,6 +123,8 @@ def prepare_model_ops(cfg: Config, process: list[Any], dj_dir: Path, recipe_path
                         instruction=f.caption_instruction, gen_batch_size=f.caption_batch_size,
                         max_new_tokens=f.caption_max_new_tokens, max_pixels=f.caption_max_pixels,
                         device=caption_device(cfg))
+            # one model copy; and torch in forked workers can hang once the parent has used its threads
+            args.setdefault("num_proc", 1)
             out.caption_mode = f.caption_mode
         if name == AESTHETIC_OP or name in OPTIONAL_OPS:
             # Data-Juicer 1.6.1 traces a per-sample filter's removals only in batch mode (without it the
@@ -224,3 +229,38 @@ def apply_results(cfg: Config, items: list[Any], kept_ids: list[str], kept_rows:
              "generated_captions": sorted(i for i, s in sources.items() if s == "generated"),
              "notices": ops.notices if ops else []}
     return images, extra
+
+
+def show_captions(result: Any, cols: int = 4, thumb: int = 200, only_kept: bool = False) -> Figure:
+    """Thumbnails titled with id, aesthetic score and caption (kept) or the op that removed them."""
+    import textwrap
+
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from kolors_lib.viz import font_properties
+
+    rows = [r for r in result.images if r["status"] == "kept" or not only_kept]
+    ncols = max(1, min(cols, len(rows)))
+    nrows = max(1, -(-len(rows) // ncols))
+    inch = thumb / 100
+    fig = Figure(figsize=(ncols * inch, nrows * (inch + 0.9)), dpi=100)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    font = font_properties("".join(r["caption"] for r in rows))
+    for ax in axes.flat:
+        ax.axis("off")
+    raw_dir = Path(result.raw_dir) if result.raw_dir else result.train_dir.parent.parent / "raw"
+    for ax, row in zip(axes.flat, rows, strict=False):
+        try:
+            with Image.open(raw_dir / row["image"]) as im:
+                im = im.convert("RGB")
+                im.thumbnail((thumb, thumb))
+                ax.imshow(im)
+        except OSError:
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
+        score = "" if row["aesthetic"] is None else f" {row['aesthetic']:.2f}"
+        text = f"{row['caption']} ({row['caption_source']})" if row["status"] == "kept" else f"removed: {row['op']}"
+        lines = textwrap.wrap(text, width=max(12, thumb // 9))[:4]
+        ax.set_title("\n".join([f"{row['id']}{score}", *lines]), fontsize=7, fontproperties=font)
+    fig.tight_layout()
+    return fig
