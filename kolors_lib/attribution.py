@@ -31,6 +31,10 @@ def describe(op: str, stats: dict[str, Any]) -> str:
         return f"ratio {float(_first(stats['aspect_ratios'])):.2f}"
     if op == "image_size_filter" and "image_sizes" in stats:
         return f"size {float(_first(stats['image_sizes'])) / 1024:.1f} KB"
+    if op == "image_aesthetics_filter":
+        from kolors_lib.model_ops import describe_score
+
+        return describe_score(stats)
     return ""
 
 
@@ -111,6 +115,8 @@ class Attribution:
         if self.traces:
             self.hashes.update(self.traces.hashes)
         self._stats: dict[str, dict[str, Any]] = {}
+        # first copy -> the copy Ray's deduplicator kept instead (its row carries the caption)
+        self.swapped: dict[str, str] = {}
 
     def stats(self, item_id: str) -> dict[str, Any]:
         """PIL-measured stats of one image (cached)."""
@@ -162,6 +168,7 @@ class Attribution:
                 # Ray dedups blocks in parallel, so any copy may win: keep the first, as the default does
                 self.kept.discard(twin)
                 self.kept.add(members[0])
+                self.swapped[members[0]] = twin
             values.update({i: f"duplicate of {members[0]}" for i in members[1:]})
         return values
 

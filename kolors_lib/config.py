@@ -26,6 +26,11 @@ MANIFEST_FILE = "manifest.json"
 GRID_FILE = "storyboard.png"
 SCORES_CSV, SCORES_JSON = "scores.csv", "scores.json"
 N_PANELS = 8
+MODEL_KEYS = ("kolors", "vae_fp16_fix", "aesthetic", "captioner", "watermark", "nsfw")
+# models added after the first config files: a user config that does not name them gets these ids
+OPTIONAL_MODEL_IDS = {"captioner": "Qwen/Qwen2-VL-2B-Instruct", "watermark": "amrul-hzz/watermark_detector",
+                      "nsfw": "Falconsai/nsfw_image_detection"}
+CAPTION_MODES = ("keep", "fill", "replace")
 
 
 def panel_file(number: int) -> str:
@@ -43,11 +48,14 @@ class ModelSource:
 
 @dataclass
 class ModelsConfig:
-    """The three models the course uses."""
+    """The models the course uses (watermark and nsfw are optional step-02 filters)."""
 
     kolors: ModelSource
     vae_fp16_fix: ModelSource
     aesthetic: ModelSource
+    captioner: ModelSource = field(default_factory=lambda: ModelSource(OPTIONAL_MODEL_IDS["captioner"]))
+    watermark: ModelSource = field(default_factory=lambda: ModelSource(OPTIONAL_MODEL_IDS["watermark"]))
+    nsfw: ModelSource = field(default_factory=lambda: ModelSource(OPTIONAL_MODEL_IDS["nsfw"]))
     cache_dir: Path | None = None
 
 
@@ -74,6 +82,15 @@ class FilterConfig:
     trigger_word: str = ""
     add_tags: list[str] = field(default_factory=list)
     remove_tags: list[str] = field(default_factory=list)
+    # image_aesthetics_filter: keep images scoring at least this, on the challenge's 0-10 scale
+    aesthetic_min_score: float = 5.0
+    # captioning (the recipe's kolors_caption_mapper): keep | fill | replace
+    caption_mode: str = "fill"
+    caption_instruction: str = "用一句中文描述这张图片的内容：人物、动作、物体和场景。不要描述画风。"
+    caption_batch_size: int = 4
+    caption_max_new_tokens: int = 64
+    caption_max_pixels: int = 1024 * 28 * 28  # at most ~1024 image tokens per picture
+    caption_device: str | None = None  # None: the config's device (CPU when there is no CUDA)
 
 
 @dataclass
@@ -300,7 +317,8 @@ def _path(value: Any, base: Path, workdir: Path | None = None) -> Path | None:
 
 _PATH_KEYS = (("workdir",), ("filter", "recipe"), ("generate", "story"), ("data", "source"), ("models", "cache_dir"),
               ("models", "kolors", "local_dir"), ("models", "vae_fp16_fix", "local_dir"),
-              ("models", "aesthetic", "local_dir"))
+              ("models", "aesthetic", "local_dir"), ("models", "captioner", "local_dir"),
+              ("models", "watermark", "local_dir"), ("models", "nsfw", "local_dir"))
 
 
 def _absolutize(data: dict[str, Any], base: Path) -> None:
@@ -422,8 +440,9 @@ def _from_dict(
     models_raw = dict(data.pop("models", {}) or {})
     cache = _path(models_raw.pop("cache_dir", None), base, wd)
     sources = {}
-    for key in ("kolors", "vae_fp16_fix", "aesthetic"):
-        src = _build(ModelSource, models_raw.pop(key, None) or {}, f"{where}: models.{key}")
+    for key in MODEL_KEYS:
+        default = {"model_id": OPTIONAL_MODEL_IDS[key]} if key in OPTIONAL_MODEL_IDS else {}
+        src = _build(ModelSource, {**default, **(models_raw.pop(key, None) or {})}, f"{where}: models.{key}")
         src.local_dir = _path(src.local_dir, base, wd)
         sources[key] = src
     if models_raw:
@@ -435,6 +454,9 @@ def _from_dict(
     filt.recipe = _path(filt.recipe, base, wd) or FilterConfig().recipe
     if filt.executor not in ("default", "ray"):
         raise ConfigError(f"{where}: filter.executor must be 'default' or 'ray', not {filt.executor!r}")
+    if filt.caption_mode not in CAPTION_MODES:
+        raise ConfigError(f"{where}: filter.caption_mode must be one of {', '.join(CAPTION_MODES)}, "
+                          f"not {filt.caption_mode!r}")
     lora = _build(LoraConfig, data.pop("lora", {}) or {}, f"{where}: lora")
     train = _build(TrainConfig, data.pop("train", {}) or {}, f"{where}: train")
     gen = _build(GenerateConfig, data.pop("generate", {}) or {}, f"{where}: generate")

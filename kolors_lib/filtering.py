@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 DEDUP_OPS = {"image_deduplicator": "ray_image_deduplicator"}
-REMOVED_COLUMNS = ["id", "image", "source", "op", "value"]
+REMOVED_COLUMNS = ["id", "image", "source", "op", "value", "aesthetic"]
+IMAGE_COLUMNS = ["id", "image", "status", "op", "aesthetic", "caption", "caption_source"]
 UNKNOWN_OP = "unknown"
 _CAPTION_SPLIT = re.compile(r"[,，]")
 
@@ -78,6 +79,7 @@ class FilterResult:
     input: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
     raw_dir: Path | None = None
+    images: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
         """Per-op counts, in recipe order."""
@@ -90,6 +92,12 @@ class FilterResult:
         import pandas as pd
 
         return pd.DataFrame(self.removed, columns=REMOVED_COLUMNS)
+
+    def images_table(self) -> pd.DataFrame:
+        """One row per input image: kept or removed (by which op), aesthetic score, final caption."""
+        import pandas as pd
+
+        return pd.DataFrame(self.images, columns=IMAGE_COLUMNS)
 
 
 # ---------------------------------------------------------------- captions
@@ -195,10 +203,14 @@ def resolve_recipe(
         # attribution reads every removed row from the traces, so trace all of them
         open_tracer=True,
         trace_num=max(n, 1),
-        # kept rows carry their image hash: dedup attribution needs no re-hashing
+        # kept rows carry their image hash (dedup attribution needs no re-hashing) and aesthetic score
         keep_hashes_in_res_ds=True,
+        keep_stats_in_res_ds=True,
         # stats are cached by file fingerprint, which misses an image changed on disk
         use_cache=False,
+        # the per-op resource monitor forks a Manager process; forked after torch has run its threads
+        # (the aesthetic filter, the captioner) it can hang, and its numbers are not used here
+        open_monitor=False,
     )
     if executor == "ray":
         out.update(executor_type="ray", ray_address=out.get("ray_address") or "local",
@@ -208,6 +220,11 @@ def resolve_recipe(
         out["process"] = [{DEDUP_OPS.get(name, name): args} for name, args in ops]
     else:
         out.update(executor_type="default", export_path=str(run_dir / "result.jsonl"))
+    # attribution reads filter and dedup traces only; tracing the captioner would send every caption
+    # through the tracer's Manager process, which can hang once this process has run torch threads
+    from kolors_lib.model_ops import CAPTION_OP
+
+    out["op_list_to_trace"] = [n for n, _ in map(op_name, out["process"]) if n != CAPTION_OP]
     return out
 
 
@@ -336,6 +353,8 @@ def run_data_juicer(recipe_path: Path, executor: str, ray_address: str = "local"
     with _dj_process_state(), _no_runtime_installs(), _quiet_console(), ray:
         from data_juicer.config import init_configs
 
+        import kolors_lib.captioning  # noqa: F401 - registers kolors_caption_mapper before the recipe is read
+
         dj_cfg = init_configs(args=["--config", str(recipe_path)])
         if executor == "ray":
             from data_juicer.core.executor.ray_executor import RayExecutor
@@ -397,7 +416,7 @@ def write_train_dir(cfg: Config, kept: list[RawItem]) -> Path:
 def write_report(clean_dir: Path, report: dict[str, Any]) -> Path:
     """Write `report.json` and `removed.csv` (same rows) atomically."""
     clean_dir.mkdir(parents=True, exist_ok=True)
-    rows = [[r[c] for c in REMOVED_COLUMNS] for r in report["removed"]]
+    rows = [["" if r.get(c) is None else r[c] for c in REMOVED_COLUMNS] for r in report["removed"]]
     write_text(clean_dir / "removed.csv", _csv_text(REMOVED_COLUMNS, rows))
     return write_json(report, clean_dir / "report.json")
 
@@ -419,11 +438,17 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
     if dj_dir.exists():
         shutil.rmtree(dj_dir)
     dj_dir.mkdir(parents=True)
+    model_ops = None
     if items:
+        from kolors_lib.model_ops import blank_placeholder, prepare_model_ops
+
+        model_ops = prepare_model_ops(cfg, recipe_data["process"], dj_dir, recipe_path)
+        recipe_data = {**recipe_data, "process": model_ops.process}
         with open(dj_dir / "input.jsonl", "w", encoding="utf-8") as fh:
             for it in items:
                 # absolute paths: Data-Juicer resolves relative ones against its own guesses
-                row = {"id": it.id, "images": [str(it.path)], "text": it.text, "source": it.source}
+                text = blank_placeholder(it.text, cfg.data.default_caption, model_ops.caption_mode)
+                row = {"id": it.id, "images": [str(it.path)], "text": text, "source": it.source}
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         resolved = resolve_recipe(recipe_data, dj_dir, len(items), cfg.filter.num_proc, executor)
         resolved_path = dj_dir / "recipe.yaml"
@@ -433,12 +458,18 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
         kept_rows = read_export(Path(resolved["export_path"]))
         from kolors_lib.attribution import Attribution
 
-        kept_ids, ops, removed = Attribution(items, kept_rows, job_dir).run(recipe_data["process"])
+        attribution = Attribution(items, kept_rows, job_dir)
+        kept_ids, ops, removed = attribution.run(recipe_data["process"])
+        swapped = attribution.swapped
     else:
+        kept_rows, job_dir, swapped = [], dj_dir, {}
         kept_ids, removed = [], []
         ops = [{"op": op_name(e)[0], "removed": 0, "remaining": 0} for e in recipe_data["process"]]
 
     by_id = {it.id: it for it in items}
+    from kolors_lib.model_ops import apply_results
+
+    images, extra = apply_results(cfg, items, kept_ids, kept_rows, removed, job_dir, model_ops, swapped)
     report = {
         "input": len(items) + len(skipped),
         "kept": len(kept_ids),
@@ -447,6 +478,8 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
         "ops": ops,
         "removed": removed,
         "skipped": skipped,
+        **extra,
+        "images": images,
     }
     report_path = write_report(cfg.clean_dir, report)
     if not kept_ids:
@@ -461,7 +494,7 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
     train_dir = write_train_dir(cfg, [by_id[i] for i in kept_ids])
     return FilterResult(train_dir=train_dir, kept=len(kept_ids), removed=removed, ops=ops,
                         report_path=report_path, executor=executor, input=report["input"],
-                        skipped=skipped, raw_dir=cfg.raw_dir)
+                        skipped=skipped, raw_dir=cfg.raw_dir, images=images)
 
 
 def show_removed(result: FilterResult, cols: int = 6, thumb: int = 160) -> Figure:

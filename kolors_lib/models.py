@@ -22,6 +22,7 @@ REQUIRED_FILES = {
                "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json"),
     "vae_fp16_fix": ("config.json", "diffusion_pytorch_model.safetensors"),
     "aesthetic": ("config.json",),
+    "captioner": ("config.json", "preprocessor_config.json", "tokenizer_config.json", "generation_config.json"),
 }
 ALLOW_PATTERNS = {
     # the fp16 variants and the pipeline's own tokenizer folder are not needed by DiffSynth
@@ -29,6 +30,7 @@ ALLOW_PATTERNS = {
                "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/*"],
     "vae_fp16_fix": ["config.json", "diffusion_pytorch_model.safetensors"],
     "aesthetic": None,
+    "captioner": None,
 }
 
 
@@ -62,7 +64,7 @@ def _override_hint(key: str) -> str:
 
 
 def resolve_model(cfg: Config, key: str) -> Path:
-    """Return the local folder of model `key` (kolors, vae_fp16_fix, aesthetic), downloading if needed."""
+    """Return the local folder of model `key` (kolors, vae_fp16_fix, aesthetic, captioner), downloading if needed."""
     source: ModelSource = getattr(cfg.models, key)
     if source.local_dir is not None:
         folder = Path(source.local_dir)

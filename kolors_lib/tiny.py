@@ -148,6 +148,7 @@ def write_tiny_chatglm(folder: Path, seed: int) -> None:
 
 def write_tiny_aesthetic(folder: Path, seed: int) -> None:
     """A random tiny aesthetic predictor (CLIP vision + linear head) in its repo's layout."""
+    patch_torchvision()  # transformers' CLIP model imports torchvision
     from aesthetics_predictor import AestheticsPredictorV2Linear
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
@@ -157,17 +158,32 @@ def write_tiny_aesthetic(folder: Path, seed: int) -> None:
     size = TINY_CLIP_VISION["image_size"]
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
         folder)
+    write_tiny_clip_tokenizer(folder)
+
+
+def write_tiny_clip_tokenizer(folder: Path) -> None:
+    """A minimal CLIP tokenizer: the real repo has one, and Data-Juicer loads a full CLIPProcessor."""
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["<|startoftext|>", "<|endoftext|>", *(f"{c}</w>" for c in letters), *letters]
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    vocab.write_text(json.dumps({w: i for i, w in enumerate(words)}), encoding="utf-8")
+    merges.write_text("#version: 0.2\n", encoding="utf-8")
+    CLIPTokenizer(str(vocab), str(merges)).save_pretrained(folder)
 
 
 def write_tiny_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
-    """Write the tiny Kolors, fp16-fix VAE and aesthetic predictor under `dest`; return their dirs."""
+    """Write the tiny Kolors, fp16-fix VAE, aesthetic predictor and captioning VLM under `dest`; return their dirs."""
+    from kolors_lib.tiny_vlm import TINY_VLM, write_tiny_vlm
+
     patch_torchvision()
     dest = Path(dest)
     out = {"kolors": dest / "Kolors", "vae_fp16_fix": dest / "sdxl-vae-fp16-fix",
-           "aesthetic": dest / "aesthetics-predictor"}
+           "aesthetic": dest / "aesthetics-predictor", "captioner": dest / "Qwen2-VL-2B-Instruct"}
     marker = dest / "tiny-kolors.json"
     info = {"seed": seed, "unet": TINY_UNET, "vae": TINY_VAE, "chatglm": TINY_CHATGLM,
-            "clip_vision": TINY_CLIP_VISION}
+            "clip_vision": TINY_CLIP_VISION, "vlm": TINY_VLM, "aesthetic_tokenizer": True}
     if marker.exists() and not overwrite and json.loads(marker.read_text()) == info:
         return out
     # swap in whole, so a half-written model folder is never picked up
@@ -181,5 +197,6 @@ def write_tiny_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) 
         shutil.copytree(_tokenizer_dir(), kolors / "tokenizer")
         write_tiny_vae(tmp / "sdxl-vae-fp16-fix", seed + 3)
         write_tiny_aesthetic(tmp / "aesthetics-predictor", seed + 4)
+        write_tiny_vlm(tmp / "Qwen2-VL-2B-Instruct", seed + 5)
         write_json(info, tmp / "tiny-kolors.json")
     return out

@@ -27,3 +27,21 @@ def tiny_unet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny-unet")
     write_tiny_unet(root / "Kolors/unet", seed=0)  # the UNet write_tiny_kolors(root, seed=0) writes
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_step02_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny aesthetic predictor and captioning VLM write_tiny_kolors writes, written once per session."""
+    from kolors_lib.tiny import write_tiny_aesthetic
+    from kolors_lib.tiny_vlm import write_tiny_vlm
+
+    root = tmp_path_factory.mktemp("tiny-step02")
+    write_tiny_aesthetic(root / "aesthetics-predictor", seed=42 + 4)
+    return {"aesthetic": root / "aesthetics-predictor", "captioner": write_tiny_vlm(root / "Qwen2-VL-2B-Instruct", 47)}
+
+
+@pytest.fixture
+def step02_cfg(tmp_path: Path, tiny_step02_models: dict[str, Path]) -> Config:
+    """`tiny_cfg` with the session's tiny step-02 models (nothing else written to the work dir)."""
+    models = {k: {"local_dir": str(v)} for k, v in tiny_step02_models.items()}
+    return load_config(profile="tiny", workdir=tmp_path / "workdir", overrides={"models": models})
