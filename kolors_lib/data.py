@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from kolors_lib.config import Config
+from kolors_lib.console import logged_step
+from kolors_lib.console import progress as tqdm  # finished bars in saved notebooks
 from kolors_lib.hub import hub_endpoint, hub_reachable
 from kolors_lib.viz import font_properties
 
@@ -565,6 +566,7 @@ def import_modelscope(cfg: Config) -> ImportResult:
         raise _hub_error(cfg, err, offline=False) from None
 
 
+@logged_step("01_import")
 def import_dataset(cfg: Config, source: str | Path | None = None) -> ImportResult:
     """Step 01: import `source` (default cfg.data.source) into cfg.raw_dir: images/, metadata.jsonl."""
     source = cfg.data.source if source is None else source

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from tqdm.auto import tqdm
 
 from kolors_lib.config import Config
+from kolors_lib.console import logged_step
+from kolors_lib.console import progress as tqdm  # finished bars in saved notebooks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -622,6 +623,7 @@ def write_report(clean_dir: Path, report: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- the step
 
 
+@logged_step("02_filter")
 def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None = None) -> FilterResult:
     """Step 02: run the Data-Juicer recipe on `cfg.raw_dir` and write the training folder and report."""
     executor = executor or cfg.filter.executor or "default"

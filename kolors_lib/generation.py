@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from kolors_lib.config import Config, ConfigError
+from kolors_lib.console import logged_step
 from kolors_lib.viz import find_cjk_font
 
 if TYPE_CHECKING:
@@ -615,10 +616,11 @@ def _kolors_root(cfg: Config) -> Path:
     return kolors_paths(cfg).root
 
 
+@logged_step("04_storyboard")
 def render_storyboard(cfg: Config, story_path: str | Path | None = None, strength: float | None = None,
                       lora_path: str | Path | None = None, progress: bool = True) -> StoryboardResult:
     """Render the story's 8 panels with Kolors + LoRA; write panels, storyboard.png and manifest.json."""
-    from tqdm.auto import tqdm
+    from kolors_lib.console import progress as tqdm
 
     start = time.monotonic()
     story = load_story(story_path or cfg.generate.story)  # before any model is loaded
@@ -707,6 +709,7 @@ def reproduce(manifest_path: str | Path, index: int, out_path: str | Path | None
     return image
 
 
+@logged_step("04_storyboard")
 def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float] | None = None,
                    story_path: str | Path | None = None, lora_path: str | Path | None = None,
                    progress: bool = True) -> Path:
@@ -714,7 +717,7 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
 
     The single images are kept in storyboard_dir/sweep/ (scene01_s0.50.png ...) with sweep.json.
     """
-    from tqdm.auto import tqdm
+    from kolors_lib.console import progress as tqdm
 
     story = load_story(story_path or cfg.generate.story)
     if not 0 <= scene_index < len(story.scenes):
@@ -757,6 +760,7 @@ def _round_size(value: int) -> int:
     return max(SIZE_MULTIPLE, int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
 
 
+@logged_step("04_storyboard")
 def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.5, *, width: int | None = None,
            height: int | None = None, seed: int | None = None, steps: int | None = None,
            strength: float | None = None, lora_path: str | Path | None = None, negative: str | None = None,

@@ -36,6 +36,7 @@ from typing import Any
 
 from kolors_lib.args import NAME_HINT
 from kolors_lib.config import PROJECT_ROOT, Config, ConfigError, load_config
+from kolors_lib.console import logged_step
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 TOKEN_PAGE = "https://modelscope.cn/my/myaccesstoken"
@@ -418,6 +419,7 @@ def _add_comfyui(cfg: Config, stage: Path) -> None:
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
+@logged_step("06_publish")
 def assemble(cfg: Config, repo_id: str) -> Path:
     """Build `cfg.publish_dir` (the folder uploaded as model repo `repo_id`) and return it."""
     repo_id = validate_repo_id(repo_id)
@@ -601,6 +603,7 @@ def _upload(cfg: Config, repo_id: str, folder: Path, files: list[tuple[str, int]
     return PublishResult(repo_id, folder, files, False, model_url(repo_id), created, commit, user)
 
 
+@logged_step("06_publish")
 def publish(cfg: Config, repo_id: str, dry_run: bool = True, token: str | None = None, private: bool = False,
             commit_message: str | None = None) -> PublishResult:
     """Assemble `cfg.publish_dir` and upload it as ModelScope model `repo_id`; a dry run (default) sends nothing.

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from kolors_lib.config import Config, ConfigError, load_config
+from kolors_lib.console import logged_step
+from kolors_lib.console import progress as tqdm  # finished bars in saved notebooks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -303,6 +303,7 @@ def _consistency(embeds: dict[str, Any]) -> tuple[float | None, dict[str, float]
 # ---------------------------------------------------------------- scoring
 
 
+@logged_step("05_score")
 def score_folder(
     cfg: Config,
     folder: str | Path | None = None,

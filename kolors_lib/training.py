@@ -31,6 +31,7 @@ import torch
 
 from kolors_lib.compat import patch_torchvision
 from kolors_lib.config import Config, LoraConfig
+from kolors_lib.console import logged_step
 
 patch_torchvision()  # lightning imports torchvision (via torchmetrics); must come first
 
@@ -559,7 +560,7 @@ class _RunCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            from tqdm.auto import tqdm
+            from kolors_lib.console import progress as tqdm
 
             self.bar = tqdm(total=self.total, initial=self.start, desc="LoRA steps", unit="step")
 
@@ -734,6 +735,7 @@ def _world_size(devices: Any, accelerator: str) -> int:
     return 1 if accelerator in ("cpu", "auto") or not torch.cuda.is_available() else torch.cuda.device_count()
 
 
+@logged_step("03_train")
 def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callback] = (),
                **overrides: Any) -> TrainResult:
     """Cache encodings, train the LoRA with Lightning, checkpoint/resume, write kolors_lora.safetensors."""
