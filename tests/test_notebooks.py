@@ -20,6 +20,30 @@ def test_notebooks_are_committed_clean() -> None:
 
 
 @pytest.mark.slow
+def test_a_run_prints_each_cell_as_it_starts(tmp_path: Path, capfd) -> None:
+    import papermill
+    from papermill.engines import papermill_engines
+
+    src = tmp_path / "two.ipynb"
+    cells = ["# a comment first\nx = 1", "%matplotlib inline\nimport time\ntime.sleep(0.1)"]
+    src.write_text(json.dumps({
+        "cells": [{"id": f"c{i}", "cell_type": "code", "metadata": {}, "source": c, "outputs": [],
+                   "execution_count": None} for i, c in enumerate(cells)] + [
+                  {"id": "m", "cell_type": "markdown", "metadata": {}, "source": "## text"}],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5}), encoding="utf-8")
+    papermill_engines.register("test-progress", notebooks.progress_engine("two", 0.0))
+    papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               engine_name="test-progress", progress_bar=False,
+                               extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    seen = capfd.readouterr()
+    assert "running over TCP" not in seen.err  # the kernel's notice is for servers, not a local run
+    lines = [ln for ln in seen.out.splitlines() if ln.strip().startswith("[two ")]
+    assert [ln.split("]")[0].strip() for ln in lines] == ["[two cell 1/2", "[two cell 2/2"]
+    assert lines[0].endswith("x = 1") and lines[1].endswith("import time")
+
+
+@pytest.mark.slow
 def test_course_notebooks_run_in_sequence(tmp_path: Path) -> None:
     workdir = tmp_path / "course"
     done = notebooks.run("tiny", workdir, only=None)
