@@ -144,6 +144,7 @@ def _console_handlers(streams: tuple[Any, ...]) -> list[logging.StreamHandler]:
     ids = {id(s) for s in streams if s is not None}
     return [h for lg in loggers for h in lg.handlers
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and not isinstance(getattr(type(h), "stream", None), property)  # logging.lastResort follows sys.stderr
             and id(h.stream) in ids]
 
 
