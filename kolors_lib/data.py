@@ -88,6 +88,14 @@ class ImportResult:
         ]
         return pd.DataFrame(rows, columns=["id", "source", "size", "caption"])
 
+    def problems_table(self) -> pd.DataFrame:
+        """Skipped files and warnings as one table: kind (skipped or warning), source, what."""
+        import pandas as pd
+
+        rows = [("skipped", s["source"], s["reason"]) for s in self.skipped]
+        rows += [("warning", w["source"], w["message"]) for w in self.warnings]
+        return pd.DataFrame(rows, columns=["kind", "source", "what"])
+
     def __str__(self) -> str:
         return (f"imported {self.count} image(s) into {self.raw_dir} "
                 f"({len(self.skipped)} skipped, {len(self.warnings)} warning(s))")

@@ -340,3 +340,25 @@ def test_cli_upload_with_token_from_the_environment(cfg: Config, hub: HubServer,
     assert hub.files(REPO) == _snapshot(cfg.publish_dir)
     digest = hashlib.sha256(hub.files(REPO)[LORA_NAME]).hexdigest()
     assert digest == sha256_file(cfg.lora_dir / LORA_NAME)
+
+
+def test_card_preview_shows_front_matter_as_yaml_and_embeds_the_images(cfg: Config) -> None:
+    import base64
+    import io
+
+    from kolors_lib.preview import card_markdown
+
+    folder = assemble(cfg, REPO)
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n")  # ModelScope's front matter, which a notebook would render as a list
+    text = card_markdown(folder)
+    assert "\n---\n" not in text.split("```yaml", 1)[0] and not text.startswith("---")
+    front = yaml.safe_load(text.split("```yaml\n", 1)[1].split("\n```", 1)[0])
+    assert front == yaml.safe_load(card.split("---\n")[1])
+    sources = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(sources) == len(re.findall(r"!\[[^\]]*\]\(samples/", card)) == 9
+    for src in sources:  # every picture travels with the notebook: no path left to resolve
+        head, data = src.split(",", 1)
+        assert head == "data:image/png;base64"
+        with Image.open(io.BytesIO(base64.b64decode(data))) as img:
+            assert img.width <= 640
