@@ -92,9 +92,10 @@ def _router(name: str) -> _Router:
 
 
 def console_stream() -> TextIO:
-    """The terminal's stderr, also while a step log captures sys.stderr (progress bars write here)."""
-    err = sys.stderr
-    return err.fallback if isinstance(err, _Router) else err
+    """Where text progress bars write, also while a step log captures sys.stdout/stderr: the terminal's
+    stderr, or in a Jupyter kernel without ipywidgets its stdout (stderr would show as a log block)."""
+    stream = sys.stdout if "ipykernel" in sys.modules else sys.stderr
+    return stream.fallback if isinstance(stream, _Router) else stream
 
 
 def _library_dirs() -> tuple[str, ...]:
