@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,18 +61,36 @@ def _first_line(source: str) -> str:
     return line if len(line) <= 70 else line[:67] + "..."
 
 
-def progress_engine(label: str, started: float, out=None):
-    """A papermill engine printing one line per code cell: `[label cell i/n] m:ss  first line of the cell`."""
+def progress_engine(label: str, started: float, out=None, every: float = 30.0):
+    """A papermill engine printing one line per code cell: `[label cell i/n] m:ss  first line of the cell`,
+    and `... still running` every `every` seconds while a cell runs."""
     from papermill.engines import NBClientEngine, NotebookExecutionManager
 
+    def say(text: str) -> None:
+        print(text, file=out or sys.stdout, flush=True)
+
     class Manager(NotebookExecutionManager):
+        ticker: threading.Event | None = None
+
         def cell_start(self, cell, cell_index=None, **kwargs):
             super().cell_start(cell, cell_index, **kwargs)
-            if cell.cell_type == "code":
-                code = [c for c in self.nb.cells if c.cell_type == "code"]
-                number = next(i for i, c in enumerate(code, start=1) if c is cell)
-                print(f"  [{label} cell {number}/{len(code)}] {_clock(time.monotonic() - started)}  "
-                      f"{_first_line(cell.source)}", file=out or sys.stdout, flush=True)
+            if cell.cell_type != "code":
+                return
+            code = [c for c in self.nb.cells if c.cell_type == "code"]
+            where = f"[{label} cell {next(i for i, c in enumerate(code, start=1) if c is cell)}/{len(code)}]"
+            say(f"  {where} {_clock(time.monotonic() - started)}  {_first_line(cell.source)}")
+            self.ticker = stop = threading.Event()
+
+            def tick() -> None:
+                while not stop.wait(every):
+                    say(f"  {where} {_clock(time.monotonic() - started)}  ... still running")
+
+            threading.Thread(target=tick, daemon=True).start()
+
+        def cell_complete(self, cell, cell_index=None, **kwargs):
+            if self.ticker is not None:
+                self.ticker.set()
+            super().cell_complete(cell, cell_index, **kwargs)
 
     class Engine(NBClientEngine):
         @classmethod
