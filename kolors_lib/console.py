@@ -150,6 +150,27 @@ def _console_handlers(streams: tuple[Any, ...]) -> list[logging.StreamHandler]:
 
 
 @contextlib.contextmanager
+def _library_bars_hidden() -> Iterator[None]:
+    """In Jupyter, other libraries' bars ("Loading checkpoint shards") are disabled: a widget cannot go to a
+    log file, and a third-party bar would be saved at 0%. (In a terminal they write to sys.stderr: the log.)"""
+    if _notebook_tqdm is None or not _IN_NOTEBOOK:
+        yield
+        return
+    original = _notebook_tqdm.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(self, progress):
+            kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    _notebook_tqdm.__init__ = init
+    try:
+        yield
+    finally:
+        _notebook_tqdm.__init__ = original
+
+
+@contextlib.contextmanager
 def step_log(cfg: Any, step: str) -> Iterator[Path]:
     """Send libraries' warnings, logging and prints to `<cfg.logs_dir>/<step>.log` for the block; yield its path.
 
@@ -161,7 +182,7 @@ def step_log(cfg: Any, step: str) -> Iterator[Path]:
         return
     path = Path(cfg.logs_dir) / f"{step}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8", buffering=1) as log:
+    with open(path, "a", encoding="utf-8", buffering=1) as log, _library_bars_hidden():
         log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {step}\n")
         saved = sys.stdout, sys.stderr
         routers = _router("stdout"), _router("stderr")

@@ -105,6 +105,12 @@ def test_saved_notebook_shows_finished_bars(tmp_path: Path) -> None:
         "from kolors_lib.console import progress\nfor _ in progress(range(7), desc='LoRA steps'):\n    pass",
         "for _ in progress(range(5), desc='copy', leave=False):\n    pass",
         "bar = progress(total=4, desc='manual')\nbar.update(4)\nbar.close()",
+        # a library's own bar inside a step (transformers' "Loading checkpoint shards") is not shown
+        "from types import SimpleNamespace\nfrom pathlib import Path\nfrom tqdm.auto import tqdm\n"
+        "from kolors_lib.console import step_log\n"
+        "with step_log(SimpleNamespace(logs_dir=Path('logs')), '03_train'):\n"
+        "    for _ in tqdm(range(3), desc='Loading checkpoint shards'):\n        pass\n"
+        "    for _ in progress(range(2), desc='LoRA steps'):\n        pass",
     ])), encoding="utf-8")
     papermill.execute_notebook(str(src), str(out), kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
     cells = json.loads(out.read_text(encoding="utf-8"))["cells"]
@@ -112,4 +118,5 @@ def test_saved_notebook_shows_finished_bars(tmp_path: Path) -> None:
     assert any("LoRA steps" in t and "7/7" in t and "100%" in t for t in texts[0]), texts[0]
     assert all(t.strip() == "" for t in texts[1]), texts[1]  # leave=False: nothing left behind
     assert any("4/4" in t for t in texts[2]), texts[2]
+    assert not any("Loading checkpoint shards" in t for t in texts[3]) and any("2/2" in t for t in texts[3])
     assert not any("0/" in t for ts in texts for t in ts)
