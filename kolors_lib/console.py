@@ -187,6 +187,8 @@ def step_log(cfg: Any, step: str) -> Iterator[Path]:
         saved = sys.stdout, sys.stderr
         routers = _router("stdout"), _router("stderr")
         handlers = {h: h.stream for h in _console_handlers((*saved, sys.__stdout__, sys.__stderr__))}
+        root = logging.getLogger()
+        root_handlers, root_level = list(root.handlers), root.level
         for handler in handlers:
             handler.setStream(log)
         for router in routers:
@@ -209,6 +211,10 @@ def step_log(cfg: Any, step: str) -> Iterator[Path]:
                 router.target = None
             for handler, stream in handlers.items():
                 handler.setStream(stream)
+            # a library's logging.basicConfig (Data-Juicer's ops run one at import) would print every library's
+            # INFO lines from then on, twice where a library also has its own handler: undo it
+            root.handlers[:] = root_handlers
+            root.setLevel(root_level)
 
 
 def logged_step(step: str) -> Callable[[F], F]:

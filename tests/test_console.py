@@ -120,3 +120,35 @@ def test_saved_notebook_shows_finished_bars(tmp_path: Path) -> None:
     assert any("4/4" in t for t in texts[2]), texts[2]
     assert not any("Loading checkpoint shards" in t for t in texts[3]) and any("2/2" in t for t in texts[3])
     assert not any("0/" in t for ts in texts for t in ts)
+
+
+SAME_KERNEL = """
+import logging
+from kolors_lib import load_config
+from kolors_lib.data import import_dataset
+from kolors_lib.filtering import filter_dataset
+
+cfg = load_config(profile="tiny", workdir={workdir!r})
+import_dataset(cfg)
+filter_dataset(cfg)  # Data-Juicer imports its ops, some of which call logging.basicConfig(level=INFO)
+print("root handlers after step 02:", len(logging.getLogger().handlers))
+print("---- step 03")
+from kolors_lib.training import train_lora  # Lightning imported after Data-Juicer, as in one notebook kernel
+
+train_lora(cfg, steps=2)
+"""
+
+
+@pytest.mark.slow
+def test_steps_02_then_03_in_one_process_print_no_library_lines(tmp_path: Path) -> None:
+    import subprocess
+
+    workdir = tmp_path / "wd"
+    out = subprocess.run([sys.executable, "-c", SAME_KERNEL.format(workdir=str(workdir))], capture_output=True,
+                         text=True, timeout=1200, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "root handlers after step 02: 0" in out.stdout  # Data-Juicer's basicConfig does not outlive its step
+    after = out.stdout.split("---- step 03", 1)[1] + out.stderr
+    assert "GPU available" not in after and "TPU available" not in after
+    log = (workdir / "logs" / "03_train.log").read_text(encoding="utf-8")
+    assert log.count("GPU available: False") == 1  # Lightning's lines once, in the step's log
