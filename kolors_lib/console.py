@@ -189,8 +189,8 @@ def step_log(cfg: Any, step: str) -> Iterator[Path]:
         handlers = {h: h.stream for h in _console_handlers((*saved, sys.__stdout__, sys.__stderr__))}
         root = logging.getLogger()
         root_handlers, root_level = list(root.handlers), root.level
-        for handler in handlers:
-            handler.setStream(log)
+        for handler in handlers:  # a router, not the file: a library that copies a handler's stream never
+            handler.setStream(routers[1])  # holds the log file after it is closed
         for router in routers:
             router.target = log
         sys.stdout, sys.stderr = routers

@@ -130,7 +130,8 @@ def test_assemble_builds_the_repo_folder(cfg: Config) -> None:
     assert folder == cfg.publish_dir
     assert [p for p, _ in plan(folder)] == EXPECTED
     assert {p: sha256_file(p) for p in sources} == sources  # sources untouched
-    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["lora", "publish", "scores", "storyboard"]  # no temp
+    # no temp folder left; logs/ is step 06's log of the libraries it used
+    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["logs", "lora", "publish", "scores", "storyboard"]
     for fmt, name in EXPORTS.items():
         state, meta = load_lora(folder / name)
         assert detect_format(state) == fmt and float(meta["alpha"]) == 2.0 and int(meta["rank"]) == 4
@@ -176,7 +177,7 @@ def test_missing_inputs_name_the_step_and_keep_the_old_folder(cfg: Config, remov
     with pytest.raises(PublishError, match=step):
         assemble(cfg, REPO)
     assert _snapshot(cfg.publish_dir) == before
-    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["lora", "publish", "scores", "storyboard"]
+    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["logs", "lora", "publish", "scores", "storyboard"]
 
 
 def test_storyboard_of_another_lora_is_refused(cfg: Config) -> None:
