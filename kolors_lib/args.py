@@ -23,10 +23,12 @@ def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of `train` (step 03)."""
     p = add_common(_parser(parser, "train", "Step 03: train the Kolors LoRA"))
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps in all, a resumed run included (default: train.steps, 500 on full)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: lora.rank, 16)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="LoRA alpha; the training scale is alpha/rank, what strength 1.0 means (default: 4)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: train.learning_rate, 1e-4)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--precision", default=None, choices=("32", "16-mixed", "bf16-mixed"))

@@ -62,7 +62,8 @@ def caption_images(images: list[Any], folder: str | Path, instruction: str, devi
                    progress: bool = True) -> list[str]:
     """One cleaned caption per PIL image, generated greedily in batches."""
     import torch
-    from tqdm.auto import tqdm
+
+    from kolors_lib.console import progress as tqdm
 
     if not images:
         return []

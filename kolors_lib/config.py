@@ -240,6 +240,11 @@ class Config:
         return self.scores_dir / SCORES_JSON
 
     @property
+    def logs_dir(self) -> Path:
+        """Each step's log of the libraries it used (warnings, logging, prints): logs/NN_step.log."""
+        return self.workdir / "logs"
+
+    @property
     def models_dir(self) -> Path:
         """Downloaded or generated model files."""
         return self.workdir / "models"

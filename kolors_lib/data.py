@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from kolors_lib.config import Config
+from kolors_lib.console import logged_step
+from kolors_lib.console import progress as tqdm  # finished bars in saved notebooks
 from kolors_lib.errors import DataError
 from kolors_lib.files import staged_folder, write_json
 from kolors_lib.hub import hub_endpoint, hub_reachable
@@ -77,6 +78,14 @@ class ImportResult:
             for r in read_metadata(self.raw_dir)
         ]
         return pd.DataFrame(rows, columns=["id", "source", "size", "caption"])
+
+    def problems_table(self) -> pd.DataFrame:
+        """Skipped files and warnings as one table: kind (skipped or warning), source, what."""
+        import pandas as pd
+
+        rows = [("skipped", s["source"], s["reason"]) for s in self.skipped]
+        rows += [("warning", w["source"], w["message"]) for w in self.warnings]
+        return pd.DataFrame(rows, columns=["kind", "source", "what"])
 
     def __str__(self) -> str:
         return (f"imported {self.count} image(s) into {self.raw_dir} "
@@ -389,6 +398,7 @@ def import_modelscope(cfg: Config) -> ImportResult:
         raise _hub_error(cfg, err, offline=False) from None
 
 
+@logged_step("01_import")
 def import_dataset(cfg: Config, source: str | Path | None = None) -> ImportResult:
     """Step 01: import `source` (default cfg.data.source) into cfg.raw_dir: images/, metadata.jsonl."""
     source = cfg.data.source if source is None else source

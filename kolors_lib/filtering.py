@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from tqdm.auto import tqdm
 
 from kolors_lib.config import Config
+from kolors_lib.console import logged_step
+from kolors_lib.console import progress as tqdm  # finished bars in saved notebooks
 from kolors_lib.errors import FilterError
 from kolors_lib.files import staged_folder, write_json, write_text
 
@@ -297,13 +298,16 @@ def _local_ray(address: str) -> Iterator[None]:
     prefixes = ("HF_", "TRANSFORMERS_", "_DJ_SPECIAL_TOKEN_")
     env = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
     env["RAY_JOB"] = "1"
-    ray.init(
-        address,
-        runtime_env={"worker_process_setup_hook": "kolors_lib.filtering._ray_worker_setup", "env_vars": env},
-        include_dashboard=False,
-        log_to_driver=False,
-        ignore_reinit_error=True,
-    )
+    from kolors_lib.console import real_streams
+
+    with real_streams():
+        ray.init(
+            address,
+            runtime_env={"worker_process_setup_hook": "kolors_lib.filtering._ray_worker_setup", "env_vars": env},
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
     try:
         yield
     finally:
@@ -341,6 +345,24 @@ def _quiet_console() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+_FORK_HOOK: list[bool] = []
+
+
+def single_threaded_forks() -> None:
+    """Make every process forked from here on run torch on one thread (registered once per process).
+
+    datasets' map forks a worker pool even for num_proc=1, so the model ops (aesthetic filter,
+    captioner) run torch in a forked child; an OpenMP thread pool inherited across fork can deadlock
+    there (the same reason PyTorch's DataLoader workers call torch.set_num_threads(1)).
+    """
+    if _FORK_HOOK:
+        return
+    import torch
+
+    os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+    _FORK_HOOK.append(True)
+
+
 def run_data_juicer(recipe_path: Path, executor: str, ray_address: str = "local") -> Path:
     """Run a resolved recipe with Data-Juicer's Python API; return the job folder (traces, logs)."""
     from kolors_lib.compat import offline_hub_env, patch_torchvision
@@ -348,6 +370,7 @@ def run_data_juicer(recipe_path: Path, executor: str, ray_address: str = "local"
     # HF datasets phones home on every jsonl load; imagededup imports torchvision
     offline_hub_env()
     patch_torchvision()
+    single_threaded_forks()
     # Ray must be up before init_configs, which already asks the cluster for its CPU count
     ray = _local_ray(ray_address) if executor == "ray" else contextlib.nullcontext()
     with _dj_process_state(), _no_runtime_installs(), _quiet_console(), ray:
@@ -424,6 +447,7 @@ def write_report(clean_dir: Path, report: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- the step
 
 
+@logged_step("02_filter")
 def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None = None) -> FilterResult:
     """Step 02: run the Data-Juicer recipe on `cfg.raw_dir` and write the training folder and report."""
     executor = executor or cfg.filter.executor or "default"

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kolors_lib.config import GRID_FILE, LORA_FILE, MANIFEST_FILE, Config, panel_file
+from kolors_lib.console import logged_step
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import LoraNotFoundError, MissingInputError, StoryError
 from kolors_lib.files import atomic_path, sha256_file, write_json
@@ -481,6 +482,7 @@ def _storyboard_manifest(cfg: Config, story: Story, settings: RenderSettings, lo
     }
 
 
+@logged_step("04_storyboard")
 def render_storyboard(cfg: Config, story_path: str | Path | None = None, strength: float | None = None,
                       lora_path: str | Path | None = None, progress: bool = True,
                       candidates: int | None = None) -> StoryboardResult:
@@ -488,8 +490,7 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
 
     candidates > 1 (default generate.candidates): best-of-N seeds per scene, see kolors_lib/selection.py.
     """
-    from tqdm.auto import tqdm
-
+    from kolors_lib.console import progress as tqdm
     from kolors_lib.selection import choose_seeds, draft_plan
 
     start = time.monotonic()
@@ -558,6 +559,7 @@ def reproduce(manifest_path: str | Path, index: int, out_path: str | Path | None
     return image
 
 
+@logged_step("04_storyboard")
 def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float] | None = None,
                    story_path: str | Path | None = None, lora_path: str | Path | None = None,
                    progress: bool = True) -> Path:
@@ -565,7 +567,7 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
 
     The single images are kept in storyboard_dir/sweep/ (scene01_s0.50.png ...) with sweep.json.
     """
-    from tqdm.auto import tqdm
+    from kolors_lib.console import progress as tqdm
 
     story = load_story(story_path or cfg.generate.story)
     if not 0 <= scene_index < len(story.scenes):
@@ -602,6 +604,7 @@ def _round_size(value: int) -> int:
     return max(SIZE_MULTIPLE, int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
 
 
+@logged_step("04_storyboard")
 def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.5, *, width: int | None = None,
            height: int | None = None, seed: int | None = None, steps: int | None = None,
            strength: float | None = None, lora_path: str | Path | None = None, negative: str | None = None,

@@ -178,8 +178,9 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, A
         "### ComfyUI",
         "",
         f"Copy `{EXPORTS['kohya']}` to `ComfyUI/models/loras/`, then put a **LoraLoaderModelOnly** node "
-        f"(`strength_model` = {_g(strength)}) between the Kolors UNet loader and the sampler (Kolors needs the "
-        "Kolors custom nodes for its ChatGLM3 text encoder). In API-format JSON:",
+        f"(`strength_model` = {_g(strength)}) between the sampler and a Kolors loader that returns a native "
+        "ComfyUI model, e.g. ComfyUI-Kolors-MZ (ComfyUI alone has no Kolors: no ChatGLM3 text encoder). "
+        "In API-format JSON:",
         "",
         "```json",
         json.dumps({"class_type": "LoraLoaderModelOnly",

@@ -36,6 +36,7 @@ from kolors_lib.config import (
     PROJECT_ROOT,
     Config,
 )
+from kolors_lib.console import logged_step
 from kolors_lib.errors import LoraError, PublishError
 from kolors_lib.files import staged_folder
 from kolors_lib.model_card import (
@@ -177,6 +178,7 @@ def _add_comfyui(cfg: Config, stage: Path) -> None:
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
+@logged_step("06_publish")
 def assemble(cfg: Config, repo_id: str) -> Path:
     """Build `cfg.publish_dir` (the folder uploaded as model repo `repo_id`) and return it."""
     repo_id = validate_repo_id(repo_id)
@@ -352,6 +354,7 @@ def _upload(repo_id: str, folder: Path, files: list[tuple[str, int]], token: str
     return PublishResult(repo_id, folder, files, False, model_url(repo_id), created, commit, user)
 
 
+@logged_step("06_publish")
 def publish(cfg: Config, repo_id: str, dry_run: bool = True, token: str | None = None, private: bool = False,
             commit_message: str | None = None) -> PublishResult:
     """Assemble `cfg.publish_dir` and upload it as ModelScope model `repo_id`; a dry run (default) sends nothing.

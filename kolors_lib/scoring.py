@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from kolors_lib.config import SCORES_CSV, SCORES_JSON, Config
+from kolors_lib.console import logged_step
+from kolors_lib.console import progress as tqdm  # finished bars in saved notebooks
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import ScoreError
 from kolors_lib.files import write_json, write_text
@@ -282,6 +282,7 @@ def _consistency(embeds: dict[str, Any]) -> tuple[float | None, dict[str, float]
 # ---------------------------------------------------------------- scoring
 
 
+@logged_step("05_score")
 def score_folder(
     cfg: Config,
     folder: str | Path | None = None,

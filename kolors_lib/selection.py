@@ -156,8 +156,7 @@ class Selection:
 def render_drafts(renderer: KolorsRenderer, prompts: Sequence[str], seeds: Sequence[int], plan: DraftPlan,
                   folder: Path, progress: bool = True) -> list[list[Candidate]]:
     """Render every candidate seed of every scene into `folder` (emptied first); prompts must be encoded."""
-    from tqdm.auto import tqdm
-
+    from kolors_lib.console import progress as tqdm
     from kolors_lib.generation import save_png
 
     shutil.rmtree(folder, ignore_errors=True)  # stale drafts would be scored with the new ones

@@ -24,6 +24,7 @@ import torch
 from kolors_lib.architecture import BETA_END, NUM_TRAIN_TIMESTEPS, kolors_scheduler
 from kolors_lib.compat import patch_torchvision
 from kolors_lib.config import LORA_FILE, Config, LoraConfig, apply_overrides
+from kolors_lib.console import logged_step
 from kolors_lib.encode_cache import (
     CachedDataset,
     CacheReport,
@@ -295,7 +296,7 @@ class _RunCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            from tqdm.auto import tqdm
+            from kolors_lib.console import progress as tqdm
 
             self.bar = tqdm(total=self.total, initial=self.start, desc="LoRA steps", unit="step")
 
@@ -455,6 +456,7 @@ def _world_size(devices: Any, accelerator: str) -> int:
     return 1 if accelerator in ("cpu", "auto") or not torch.cuda.is_available() else torch.cuda.device_count()
 
 
+@logged_step("03_train")
 def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callback] = (),
                **overrides: Any) -> TrainResult:
     """Cache encodings, train the LoRA with Lightning, checkpoint/resume, write kolors_lora.safetensors."""

@@ -58,3 +58,23 @@ def test_recipe_goes_with_recipe_not_config(tmp_path: Path) -> None:
     assert args.recipe == recipe and args.config is None
     wrong = _cli("data", "filter", "--config", str(recipe), "--profile", "tiny", "--workdir", str(tmp_path))
     assert wrong.returncode == 2 and "--recipe" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+@pytest.mark.parametrize("has_yaml", [True, False], ids=["only-pyyaml", "bare-python"])
+def test_a_python_without_the_packages_gets_one_line_pointing_at_the_venv(tmp_path: Path, has_yaml: bool) -> None:
+    """The system python3 a learner types by habit: no PIL (and maybe no yaml), not the course's .venv."""
+    root = Path(__file__).resolve().parent.parent
+    path = [str(root)]
+    if has_yaml:  # a Python that has PyYAML but not Pillow, like a distribution's python3
+        import yaml
+
+        (tmp_path / "yaml").symlink_to(Path(yaml.__file__).parent)
+        path.insert(0, str(tmp_path))
+    env = {"PYTHONPATH": ":".join(path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-S", "-m", "kolors_lib", "data", "import", "--workdir", str(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: ") and "make setup" in lines[0] and ".venv/bin/python" in lines[0]
+    assert "no module named 'yaml'" in lines[0] or has_yaml

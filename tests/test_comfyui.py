@@ -386,6 +386,13 @@ def test_a_lora_that_does_not_fit_names_the_key(node_mod, kolors_model: dict, lo
         assert kind in str(err.value)
         expected = "to_z" if how == "unexpected" else key.removesuffix(".lora_B.weight")
         assert expected in str(err.value), str(err.value)
+    # the message names the misshapen tensor: the down/A one here, not its up/B partner
+    a_key = key.replace(".lora_B.", ".lora_A.")
+    bad = _edited(lora_files["diffusers"], tmp_path / "down.safetensors",
+                  lambda s: s.__setitem__(a_key, torch.zeros(RANK, s[a_key].shape[1] + 1)))
+    with pytest.raises(node_mod.StoryLoraError, match="wrong shapes") as err:
+        node.load_lora(kolors_model, str(bad), 1.0)
+    assert a_key in str(err.value) and key not in str(err.value), str(err.value)
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items()), "nothing merged on error"
     ckpt = tmp_path / "epoch=0-step=500.ckpt"
     torch.save({"x": torch.zeros(1)}, ckpt)

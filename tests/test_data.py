@@ -255,6 +255,16 @@ def test_table_and_image_paths(sample_run: Run) -> None:
     assert len(paths) == 23 and all(p.is_file() for p in paths)
 
 
+def test_problems_table_has_one_kind_of_row(sample_run: Run) -> None:
+    _, result = sample_run
+    assert result.skipped and result.warnings  # the sample set has both
+    table = result.problems_table()
+    assert list(table.columns) == ["kind", "source", "what"]
+    assert not table.isna().any().any()  # one row shape: no NaN cells from mixing the two kinds
+    assert table["kind"].value_counts().to_dict() == {"skipped": len(result.skipped), "warning": len(result.warnings)}
+    assert set(table[table.kind == "skipped"].source) == {s["source"] for s in result.skipped}
+
+
 def test_sample_folder_is_deterministic_and_reused(
     tmp_path: Path, sample_run: Run
 ) -> None:

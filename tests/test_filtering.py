@@ -363,3 +363,26 @@ def test_console_stays_short_while_job_logs_keep_info(tiny_cfg: Config, capfd: p
     logs = list((tiny_cfg.clean_dir / "dj" / "default").glob("*/logs/**/*.txt.gz"))
     text = "".join(gzip.decompress(p.read_bytes()).decode("utf-8", "replace") for p in logs)
     assert "| INFO" in text and "OP [image_shape_filter] Done" in text
+
+
+def test_processes_forked_for_data_juicer_run_torch_on_one_thread() -> None:
+    """datasets forks its map workers even for num_proc=1; torch's inherited OpenMP pool must not be used."""
+    import os
+
+    import torch
+
+    from kolors_lib.filtering import single_threaded_forks
+
+    torch.set_num_threads(2)
+    torch.ones(64, 64) @ torch.ones(64, 64)  # the parent's thread pool is up, as after a model op ran
+    single_threaded_forks()
+    single_threaded_forks()  # registering twice adds no second hook
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports its thread count and leaves without running pytest's teardown
+        os.write(write, str(torch.get_num_threads()).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write)
+    assert os.read(read, 16) == b"1"
+    assert torch.get_num_threads() == 2  # the parent keeps its threads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,34 @@ import notebooks  # noqa: E402
 def test_notebooks_are_committed_clean() -> None:
     found = [p for nb in sorted((ROOT / "notebooks").glob("*.ipynb")) for p in notebooks.problems(nb)]
     assert found == []
+
+
+@pytest.mark.slow
+def test_a_run_prints_each_cell_as_it_starts(tmp_path: Path, capfd) -> None:
+    import papermill
+    from papermill.engines import papermill_engines
+
+    src = tmp_path / "two.ipynb"
+    cells = ["# a comment first\nx = 1", "%matplotlib inline\nimport time\ntime.sleep(1.5)"]
+    src.write_text(json.dumps({
+        "cells": [{"id": f"c{i}", "cell_type": "code", "metadata": {}, "source": c, "outputs": [],
+                   "execution_count": None} for i, c in enumerate(cells)] + [
+                  {"id": "m", "cell_type": "markdown", "metadata": {}, "source": "## text"}],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5}), encoding="utf-8")
+    papermill_engines.register("test-progress", notebooks.progress_engine("two", 0.0, every=0.5))
+    papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               engine_name="test-progress", progress_bar=False,
+                               extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    seen = capfd.readouterr()
+    assert "running over TCP" not in seen.err  # the kernel's notice is for servers, not a local run
+    lines = [ln for ln in seen.out.splitlines() if ln.strip().startswith("[two ")]
+    starts = [ln for ln in lines if not ln.endswith("... still running")]
+    assert [ln.split("]")[0].strip() for ln in starts] == ["[two cell 1/2", "[two cell 2/2"]
+    assert starts[0].endswith("x = 1") and starts[1].endswith("import time")
+    # a long cell says it is still running
+    still = [ln for ln in lines if ln.endswith("... still running")]
+    assert any(ln.strip().startswith("[two cell 2/2]") for ln in still), lines
 
 
 @pytest.mark.slow
@@ -74,3 +103,30 @@ def test_course_notebooks_run_in_sequence(tmp_path: Path) -> None:
     executed = json.loads((workdir / "notebooks/02_clean_with_data_juicer.ipynb").read_text())
     images = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2
+
+    # ... and results only: the libraries' messages are in each step's log, every bar shows where it ended
+    for nb in done:
+        outputs = [o for c in json.loads(nb.read_text(encoding="utf-8"))["cells"] for o in c.get("outputs", [])]
+        stderr = ["".join(o["text"]) for o in outputs if o["output_type"] == "stream" and o["name"] == "stderr"]
+        assert stderr == [], f"{nb.name}: log blocks in the saved notebook: {stderr}"
+        text = "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                         for o in outputs)
+        for chatter in ("Using sdxl_unet", "GPU available", "torch_dtype", "litlogger", "Data-Juicer", "WARNING"):
+            assert chatter not in text, f"{nb.name}: {chatter!r} in the outputs"
+        unfinished = [f"{a}/{b}" for a, b in re.findall(r"(\d+)/(\d+) \[", text) if a != b]
+        assert unfinished == [], f"{nb.name}: progress bars saved unfinished: {unfinished}"
+    logs = workdir / "logs"
+    assert sorted(p.name for p in logs.glob("*.log")) == [
+        "01_import.log", "02_filter.log", "03_train.log", "04_storyboard.log", "05_score.log", "06_publish.log"]
+    assert "GPU available" in (logs / "03_train.log").read_text(encoding="utf-8")
+    assert "Using sdxl_unet" in (logs / "04_storyboard.log").read_text(encoding="utf-8")
+
+    # 01: skipped files and warnings in one table; 06: the model card with its header as YAML, images embedded
+    step01 = json.loads((workdir / "notebooks/01_download_dataset.ipynb").read_text(encoding="utf-8"))
+    problems = "".join(step01["cells"][-1]["outputs"][0]["data"]["text/html"])
+    assert "skipped" in problems and "warning" in problems and "NaN" not in problems
+    step06 = json.loads((workdir / "notebooks/06_publish.ipynb").read_text(encoding="utf-8"))
+    card = next("".join(o["data"]["text/markdown"]) for c in step06["cells"] for o in c.get("outputs", [])
+                if "text/markdown" in o.get("data", {}))
+    assert "```yaml\n" in card and "](samples/" not in card
+    assert card.count("](data:image/png;base64,") == 9

@@ -130,7 +130,8 @@ def test_assemble_builds_the_repo_folder(cfg: Config) -> None:
     assert folder == cfg.publish_dir
     assert [p for p, _ in plan(folder)] == EXPECTED
     assert {p: sha256_file(p) for p in sources} == sources  # sources untouched
-    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["lora", "publish", "scores", "storyboard"]  # no temp
+    # no temp folder left; logs/ is step 06's log of the libraries it used
+    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["logs", "lora", "publish", "scores", "storyboard"]
     for fmt, name in EXPORTS.items():
         state, meta = load_lora(folder / name)
         assert detect_format(state) == fmt and float(meta["alpha"]) == 2.0 and int(meta["rank"]) == 4
@@ -176,7 +177,7 @@ def test_missing_inputs_name_the_step_and_keep_the_old_folder(cfg: Config, remov
     with pytest.raises(PublishError, match=step):
         assemble(cfg, REPO)
     assert _snapshot(cfg.publish_dir) == before
-    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["lora", "publish", "scores", "storyboard"]
+    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["logs", "lora", "publish", "scores", "storyboard"]
 
 
 def test_storyboard_of_another_lora_is_refused(cfg: Config) -> None:
@@ -342,3 +343,25 @@ def test_cli_upload_with_token_from_the_environment(cfg: Config, hub: HubServer,
     assert hub.files(REPO) == _snapshot(cfg.publish_dir)
     digest = hashlib.sha256(hub.files(REPO)[LORA_NAME]).hexdigest()
     assert digest == sha256_file(cfg.lora_dir / LORA_NAME)
+
+
+def test_card_preview_shows_front_matter_as_yaml_and_embeds_the_images(cfg: Config) -> None:
+    import base64
+    import io
+
+    from kolors_lib.preview import card_markdown
+
+    folder = assemble(cfg, REPO)
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n")  # ModelScope's front matter, which a notebook would render as a list
+    text = card_markdown(folder)
+    assert "\n---\n" not in text.split("```yaml", 1)[0] and not text.startswith("---")
+    front = yaml.safe_load(text.split("```yaml\n", 1)[1].split("\n```", 1)[0])
+    assert front == yaml.safe_load(card.split("---\n")[1])
+    sources = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(sources) == len(re.findall(r"!\[[^\]]*\]\(samples/", card)) == 9
+    for src in sources:  # every picture travels with the notebook: no path left to resolve
+        head, data = src.split(",", 1)
+        assert head == "data:image/png;base64"
+        with Image.open(io.BytesIO(base64.b64decode(data))) as img:
+            assert img.width <= 640

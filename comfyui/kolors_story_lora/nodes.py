@@ -159,6 +159,7 @@ def lora_pairs(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], unet:
     kohya_names = {m.replace(".", "_"): m for m in weights}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     key_of: dict[str, str] = {}
+    part_keys: dict[str, dict[str, str]] = {}
     unexpected: list[str] = []
     for key, value in state.items():
         module, part = None, None
@@ -179,6 +180,7 @@ def lora_pairs(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], unet:
             unexpected.append(key)
             continue
         parts.setdefault(module, {})[part] = value
+        part_keys.setdefault(module, {})[part] = key
         if part != "alpha" or module not in key_of:  # name a weight key in messages, not the alpha
             key_of[module] = key
     problems = []
@@ -198,7 +200,9 @@ def lora_pairs(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], unet:
             continue
         down, up, weight = tuple(p["down"].shape), tuple(p["up"].shape), tuple(weights[module].shape)
         if not (len(down) == len(up) == 2 and up[1] == down[0] and (up[0], down[1]) == weight):
-            shapes.append(f"{key_of[module]} (UNet weight {weight}, down/A {down}, up/B {up})")
+            bad = _bad_parts(down, up, weight)
+            shapes.append(f"{' and '.join(part_keys[module][b] for b in bad)} "
+                          f"(UNet weight {weight}, down/A {down}, up/B {up})")
     if shapes:
         problems.append(f"wrong shapes: {_listing(shapes)}")
     if problems:
@@ -219,6 +223,13 @@ def lora_pairs(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], unet:
             scale = 1.0
         pairs[module] = (p["down"], p["up"], scale)
     return pairs
+
+
+def _bad_parts(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) -> list[str]:
+    """Which of a pair is misshapen for a (out, in) weight: down/A must be (rank, in), up/B (out, rank)."""
+    bad = [name for name, shape, dim, size in (("down", down, 1, weight[1]), ("up", up, 0, weight[0]))
+           if len(shape) != 2 or shape[dim] != size]
+    return bad or ["down", "up"]  # both fit the weight but their ranks differ: either may be wrong
 
 
 def _family(module: str) -> str:
