@@ -82,7 +82,11 @@ def test_course_notebooks_run_in_sequence(tmp_path: Path) -> None:
 
     # step 04: 8 panels + grid + a manifest that names the LoRA we trained; step 05: their scores
     manifest = json.loads((workdir / "storyboard/manifest.json").read_text(encoding="utf-8"))
-    assert [p["seed"] for p in manifest["panels"]] == list(range(1, 9))
+    assert [p["story_seed"] for p in manifest["panels"]] == list(range(1, 9))
+    # notebook 04 ran best-of-2: every final seed is one of its scene's candidates, the story's own first
+    for scene, panel in zip(manifest["selection"]["scenes"], manifest["panels"], strict=True):
+        seeds = [c["seed"] for c in scene["candidates"]]
+        assert len(seeds) == 2 and seeds[0] == panel["story_seed"] and panel["seed"] in seeds
     assert all(p["prompt"].startswith("kstory, 古风") for p in manifest["panels"])
     assert manifest["lora"]["strength"] == 1.0
     assert sorted(f.name for f in (workdir / "storyboard").glob("panel_*.png")) == [
