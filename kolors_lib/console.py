@@ -217,6 +217,12 @@ def step_log(cfg: Any, step: str) -> Iterator[Path]:
             root.setLevel(root_level)
 
 
+def show(text: str) -> None:
+    """Print a line for the learner (stdout), also from inside a step log that captures libraries' prints."""
+    out = sys.stdout.fallback if isinstance(sys.stdout, _Router) else sys.stdout
+    print(text, file=out, flush=True)
+
+
 @contextlib.contextmanager
 def real_streams() -> Iterator[None]:
     """Inside a step log, hand sys.stdout/stderr back to the real console for the block.

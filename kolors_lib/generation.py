@@ -498,7 +498,9 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     settings = render_settings(cfg, story)
     plan = draft_plan(cfg, settings, cfg.generate.candidates if candidates is None else candidates)
     if plan.candidates > 1 and progress:
-        print(plan.cost_line(len(story.scenes)))  # before minutes of model loading
+        from kolors_lib.console import show
+
+        show(plan.cost_line(len(story.scenes)))  # before minutes of model loading
     strength = float(cfg.generate.strength if strength is None else strength)
     prompts = [with_trigger(s.prompt, trigger_word(cfg)) for s in story.scenes]
     out = cfg.storyboard_dir

@@ -37,7 +37,12 @@ def test_import_then_filter_a_local_folder(tmp_path: Path) -> None:
     assert "kept 2 images" in filt.stdout
     with open(work / "data/clean/train/metadata.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert [r["text"] for r in rows] == ["kstory, 山水, 水墨画", "kstory, 二次元"]
+    # p0 keeps its own caption; p1 had none, so the captioner (fill mode, tiny random Qwen2-VL) wrote one
+    assert rows[0]["text"] == "kstory, 山水, 水墨画"
+    assert rows[1]["text"].startswith("kstory, ") and rows[1]["text"] != "kstory, 二次元"
+    report = json.loads((work / "data/clean/report.json").read_text(encoding="utf-8"))
+    sources = {row["image"]: row["caption_source"] for row in report["images"] if row["status"] == "kept"}
+    assert sorted(sources.values()) == ["generated", "original"]
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
