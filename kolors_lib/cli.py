@@ -28,6 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true", help="rewrite even if the same tiny model is there")
+    tiny.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                      help="full: real-size random weights in the exact Kwai-Kolors/Kolors layout (~17 GB, fp16)")
+
+    plan = sub.add_parser("plan", help="which model runs where, in which dtype, with how much memory (loads nothing)")
+    add_common(plan)
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                      help="plan for a CUDA card with this much memory (default: this machine's)")
+    plan.add_argument("--no-bf16", action="store_true", help="the card has no bf16 (e.g. a T4)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     models = sub.add_parser("models", help="resolve (download or find) the profile's models and print their folders")
     add_common(models)
@@ -74,9 +83,12 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "tiny-kolors":
-        from kolors_lib.tiny import write_tiny_kolors
+        if args.size == "full":
+            from kolors_lib.fullsize import write_full_kolors as write_kolors
+        else:
+            from kolors_lib.tiny import write_tiny_kolors as write_kolors
 
-        out = write_tiny_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
+        out = write_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
         print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
         return 0
     if args.command == "train":
@@ -126,6 +138,14 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one command; known errors end with a one-line message and exit code 2."""
     args = parse_args(argv)
+    if args.command == "plan":  # before the imports below: the plan needs no torch
+        from kolors_lib.plan import run_plan
+
+        try:
+            return run_plan(args)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from kolors_lib.data import DataError
     from kolors_lib.export import LoraError
     from kolors_lib.filtering import FilterError

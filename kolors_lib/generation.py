@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from kolors_lib.config import Config, ConfigError
+from kolors_lib.plan import Placement, device_plan, to_int8
 from kolors_lib.viz import find_cjk_font
 
 if TYPE_CHECKING:
@@ -388,7 +389,7 @@ class KolorsRenderer:
     """
 
     def __init__(self, root: Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                 offload_text_encoder: bool = True) -> None:
+                 offload_text_encoder: bool = True, text: Placement | None = None, tiled: bool = False) -> None:
         from kolors_lib.compat import patch_torchvision
         from kolors_lib.models import KolorsPaths, load_model_manager
 
@@ -399,6 +400,11 @@ class KolorsRenderer:
         self.device = device
         self.dtype = dtype or default_dtype(device)
         self.offload = offload_text_encoder
+        # offloaded, ChatGLM may sit elsewhere than the UNet (the CPU, or int8 on a small GPU)
+        text = text if offload_text_encoder else None
+        self.text_device = text.device if text else device
+        self.text_dtype = text.torch_dtype if text else self.dtype
+        self.tiled = tiled
         self.paths = KolorsPaths.from_root(self.root)
         # offloading: phase 1 loads only ChatGLM and phase 2 only the UNet and VAE, so neither host
         # RAM nor GPU memory ever holds both; on a GPU each phase loads on the CPU, then moves over
@@ -407,8 +413,11 @@ class KolorsRenderer:
             self.paths.text_encoder, self.paths.unet, self.paths.vae]
         log = io.StringIO()
         with contextlib.redirect_stdout(log), _no_transformers_bars():  # DiffSynth prints lines per model
-            self.manager = load_model_manager(files, device=self.load_device, dtype=self.dtype)
+            self.manager = load_model_manager(files, device=self.load_device, dtype=self.text_dtype)
+            if text is not None and text.dtype == "int8":
+                to_int8(self.manager.fetch_model("kolors_text_encoder"), text.device)
             self.pipe = SDXLImagePipeline.from_model_manager(self.manager, device=device)
+            self.pipe.torch_dtype = self.dtype  # latents in the UNet's dtype, whatever ChatGLM's is
         self.load_log = log.getvalue()
         if self.pipe.text_encoder_kolors is None:
             raise RuntimeError(f"{self.root}: DiffSynth found no Kolors ChatGLM there")
@@ -416,6 +425,14 @@ class KolorsRenderer:
         self.text_encoder_released = False
         self.peak_memory: dict[str, int | None] = {}
         self.pipe.encode_prompt = self._cached_prompt  # instance attribute shadows the method
+
+    @classmethod
+    def for_config(cls, cfg: Config, root: Path) -> KolorsRenderer:
+        """The renderer with every model where the device plan puts it."""
+        plan = device_plan(cfg)
+        unet = plan.get("storyboard-denoise", "unet")
+        return cls(root, unet.device, unet.torch_dtype, cfg.generate.offload_text_encoder,
+                   plan.get("storyboard-encode", "text_encoder"), plan.tiled_vae)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -451,7 +468,9 @@ class KolorsRenderer:
         key = (prompt, bool(positive), clip_skip, clip_skip_2)
         if key not in self.cache:
             raise RuntimeError(f"prompt not encoded in phase 1 (ChatGLM is released): {prompt!r}")
-        return self.cache[key]
+        if self.text_device == self.device and self.text_dtype == self.dtype:
+            return self.cache[key]
+        return {k: v.to(self.device, self.dtype) for k, v in self.cache[key].items()}
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], negatives: Sequence[str] = ("",)) -> None:
@@ -465,13 +484,17 @@ class KolorsRenderer:
         pipe = self.pipe
         encoder = pipe.text_encoder_kolors
         _peak_reset(self.device)
-        if self.offload and _cuda(self.device):
-            encoder.to(self.device)
+        if self.offload and _cuda(self.text_device):
+            encoder.to(self.text_device)
         todo = [(p, True) for p in dict.fromkeys(prompts)] + [(n, False) for n in dict.fromkeys(negatives)]
-        for prompt, positive in todo:
-            key = (prompt, positive, 1, 2)
-            if key not in self.cache:
-                self.cache[key] = _encode_one(pipe, prompt, positive)
+        pipe.device = self.text_device  # DiffSynth puts the token ids on pipe.device
+        try:
+            for prompt, positive in todo:
+                key = (prompt, positive, 1, 2)
+                if key not in self.cache:
+                    self.cache[key] = _encode_one(pipe, prompt, positive)
+        finally:
+            pipe.device = self.device
         self.peak_memory["encode"] = _peak(self.device)
         if self.offload:
             self.release_text_encoder()
@@ -514,7 +537,7 @@ class KolorsRenderer:
         self._to_device(["unet", "vae_decoder"] + (["vae_encoder"] if input_image is not None else []))
         image = self.pipe(prompt, negative_prompt=negative, cfg_scale=cfg_scale, height=height, width=width,
                           num_inference_steps=steps, seed=seed, input_image=input_image,
-                          denoising_strength=denoising_strength, progress_bar_cmd=_quiet)
+                          denoising_strength=denoising_strength, tiled=self.tiled, progress_bar_cmd=_quiet)
         self.peak_memory["denoise"] = max(self.peak_memory.get("denoise") or 0, _peak(self.device) or 0) or None
         return image
 
@@ -627,14 +650,13 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
     prompts = [with_trigger(s.prompt, trigger) for s in story.scenes]
     lora = read_lora(lora_path or default_lora_path(cfg), cfg)
-    device = resolve_device(cfg.device)
     out = cfg.storyboard_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # never leave a manifest describing other panels
 
     root = _kolors_root(cfg)
     check_lora_against(root, lora)  # a LoRA that does not fit fails before any model is loaded
-    renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
+    renderer = KolorsRenderer.for_config(cfg, root)
     renderer.encode(prompts, [settings.negative])
     LoraMerger(renderer.unet, lora).set(strength)
     panels = []
@@ -660,7 +682,7 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
         "pipeline": "diffsynth.SDXLImagePipeline (Kolors: ChatGLM3 text encoder)",
         "scheduler": renderer.scheduler_info,
         "clip_skip": 1, "clip_skip_2": 2,
-        "device": device, "dtype": _dtype_name(renderer.dtype),
+        "device": renderer.device, "dtype": _dtype_name(renderer.dtype),
         "offload_text_encoder": cfg.generate.offload_text_encoder,
         "trigger_word": trigger or None,
         "versions": {"diffsynth": _version("diffsynth"), "torch": torch.__version__,
@@ -727,10 +749,9 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
     trigger = cfg.filter.trigger_word if cfg.generate.add_trigger_word else ""
     prompt = with_trigger(scene.prompt, trigger)
     lora = read_lora(lora_path or default_lora_path(cfg), cfg)
-    device = resolve_device(cfg.device)
     root = _kolors_root(cfg)
     check_lora_against(root, lora)
-    renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
+    renderer = KolorsRenderer.for_config(cfg, root)
     renderer.encode([prompt], [settings.negative])
     merger = LoraMerger(renderer.unet, lora, keep_base=len(strengths) > 1)
     folder = cfg.storyboard_dir / "sweep"
@@ -746,7 +767,7 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
     write_json({"scene_index": scene_index, "prompt": prompt, "seed": scene.seed, **vars(settings),
                 "lora": _lora_info(lora, 1.0) | {"strength": None}, "strengths": strengths,
                 "files": [f.name for f in files], "base_model": _base_model_info(cfg, renderer.root),
-                "device": device, "dtype": _dtype_name(renderer.dtype)}, folder / "sweep.json")
+                "device": renderer.device, "dtype": _dtype_name(renderer.dtype)}, folder / "sweep.json")
     return path
 
 
@@ -788,10 +809,9 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     negative = settings.negative if negative is None else negative
     lora = read_lora(lora_path or default_lora_path(cfg), cfg)
     strength = float(cfg.generate.strength if strength is None else strength)
-    device = resolve_device(cfg.device)
     root = _kolors_root(cfg)
     check_lora_against(root, lora)
-    renderer = KolorsRenderer(root, device, offload_text_encoder=cfg.generate.offload_text_encoder)
+    renderer = KolorsRenderer.for_config(cfg, root)
     renderer.encode([prompt], [negative])
     LoraMerger(renderer.unet, lora).set(strength)
     result = renderer.render(prompt, negative, cfg.seed if seed is None else seed, steps or settings.steps,

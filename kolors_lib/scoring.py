@@ -259,10 +259,12 @@ def write_scores(result: ScoreResult, dest: Path) -> tuple[Path, Path]:
 
 
 def _device(cfg: Config, device: str | None) -> str:
-    """`device`, else the config's; CUDA falls back to CPU when there is none (tiny runs anywhere)."""
+    """`device`, else the device plan's; CUDA falls back to CPU when there is none (tiny runs anywhere)."""
     import torch
 
-    name = str(device or cfg.device or "cpu")
+    from kolors_lib.plan import device_plan
+
+    name = str(device or device_plan(cfg).get("score", "aesthetic").device)
     return "cpu" if name.startswith("cuda") and not torch.cuda.is_available() else name
 
 

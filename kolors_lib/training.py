@@ -31,6 +31,7 @@ import torch
 
 from kolors_lib.compat import patch_torchvision
 from kolors_lib.config import Config, LoraConfig
+from kolors_lib.plan import Placement, Plan, device_plan, to_int8
 
 patch_torchvision()  # lightning imports torchvision (via torchmetrics); must come first
 
@@ -92,20 +93,6 @@ def image_key(data: bytes, resolution: int, crop: str, flip: bool, vae_id: str, 
 
 
 # --------------------------------------------------------------------------- settings
-
-
-def model_dtype(precision: str, device: str) -> torch.dtype:
-    """Weights dtype for a Lightning precision, as the stock script (fp32 for "32", else half)."""
-    if "32" in str(precision) or torch.device(device).type == "cpu" and str(precision).startswith("16"):
-        # fp16 convolutions on CPU are slow and partly missing; autocast still runs the math in fp16
-        return torch.float32
-    return torch.bfloat16 if str(precision).startswith("bf16") else torch.float16
-
-
-def cache_device(cfg: Config) -> str:
-    """Where the encoders run: cfg.device when it exists on this machine, else CPU."""
-    dev = str(cfg.device)
-    return dev if not dev.startswith("cuda") or torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -189,7 +176,7 @@ class CacheReport:
     negative_key: str = ""
 
 
-def build_cache(cfg: Config, extra_prompts: Sequence[str] = ()) -> CacheReport:
+def build_cache(cfg: Config, extra_prompts: Sequence[str] = (), plan: Plan | None = None) -> CacheReport:
     """Encode captions (ChatGLM) and images (fp16-fix VAE) missing from the cache, then free the encoders."""
     from kolors_lib.models import kolors_paths, resolve_model
 
@@ -197,26 +184,29 @@ def build_cache(cfg: Config, extra_prompts: Sequence[str] = ()) -> CacheReport:
     samples = read_metadata(cfg.train_dir)
     paths = kolors_paths(cfg)
     vae_file = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
-    device = cache_device(cfg)
-    dtype = model_dtype(cfg.train.precision, device)
+    plan = plan or device_plan(cfg)
+    te, ve = plan.get("cache-captions", "text_encoder"), plan.get("cache-latents", "vae_encoder")
     te_id, vae_id = model_identity(paths.text_encoder), model_identity(vae_file)
     crop = "center" if cfg.train.center_crop else f"fixed-random-{cfg.seed}"
     for s in samples:
         img = cfg.train_dir / s.file_name
         if not img.is_file():
             raise TrainingError(f"{img} is listed in metadata.csv but missing")
-        s.text_key = text_key(s.text, te_id, dtype)
-        s.image_key = image_key(img.read_bytes(), cfg.resolution, crop, cfg.train.random_flip, vae_id, dtype)
-    prompts = {p: text_key(p, te_id, dtype) for p in [*extra_prompts, ""]}
+        s.text_key = text_key(s.text, te_id, te.torch_dtype)
+        s.image_key = image_key(img.read_bytes(), cfg.resolution, crop, cfg.train.random_flip, vae_id,
+                                ve.torch_dtype)
+    prompts = {p: text_key(p, te_id, te.torch_dtype) for p in [*extra_prompts, ""]}
     texts = {s.text_key: s.text for s in samples} | {k: p for p, k in prompts.items()}
     todo_text = {k: t for k, t in texts.items() if not (root / "text" / f"{k}.safetensors").is_file()}
     todo_img = {s.image_key: s for s in samples
                 if not (root / "latents" / f"{s.image_key}.safetensors").is_file()}
     report = CacheReport(root, samples, len(todo_text), len(todo_img),
                          {p: k for p, k in prompts.items() if p}, prompts[""])
-    if todo_text or todo_img:
-        _encode(cfg, paths.text_encoder if todo_text else None, vae_file if todo_img else None,
-                todo_text, todo_img, device, dtype, root, crop, te_id, vae_id)
+    # each encoder where the plan puts it (ChatGLM may stay on the CPU while the VAE uses the GPU)
+    if todo_text:
+        _encode(cfg, paths.text_encoder, None, todo_text, {}, te, plan.tiled_vae, root, crop, te_id, vae_id)
+    if todo_img:
+        _encode(cfg, None, vae_file, {}, todo_img, ve, plan.tiled_vae, root, crop, te_id, vae_id)
     index = [{"file_name": s.file_name, "text": s.text, "text_key": s.text_key, "image_key": s.image_key}
              for s in samples]
     root.mkdir(parents=True, exist_ok=True)
@@ -225,7 +215,7 @@ def build_cache(cfg: Config, extra_prompts: Sequence[str] = ()) -> CacheReport:
 
 
 def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts: dict[str, str],
-            images: dict[str, Sample], device: str, dtype: torch.dtype, root: Path, crop: str,
+            images: dict[str, Sample], place: Placement, tiled: bool, root: Path, crop: str,
             te_id: str, vae_id: str) -> None:
     """Load only the encoders needed, run them once per item, write the cache, free them."""
     from diffsynth import SDXLImagePipeline
@@ -233,7 +223,10 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
     from kolors_lib.models import load_model_manager
 
     files = [f for f in (text_encoder, vae_file) if f is not None]
-    manager = load_model_manager(files, device=device, dtype=dtype)
+    device, dtype = place.device, place.torch_dtype
+    manager = load_model_manager(files, device="cpu" if place.dtype == "int8" else device, dtype=dtype)
+    if place.dtype == "int8":
+        to_int8(manager.fetch_model("kolors_text_encoder"), device)
     with contextlib.redirect_stdout(io.StringIO()):  # "Using ... / No ... available" per model kind
         pipe = SDXLImagePipeline.from_model_manager(manager)
     with torch.no_grad():
@@ -248,7 +241,7 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
             image = load_image_tensor(cfg.train_dir / s.file_name, cfg.resolution, cfg.train.center_crop,
                                       cfg.seed)
             batch = torch.stack([image, image.flip(-1)]) if cfg.train.random_flip else image[None]
-            latents = pipe.vae_encoder(batch.to(dtype=dtype, device=device))
+            latents = pipe.vae_encoder(batch.to(dtype=dtype, device=device), tiled=tiled)
             tensors = {"latents": latents[0]}
             if cfg.train.random_flip:
                 # the VAE is not exactly flip-equivariant: encode the mirrored image too
@@ -361,9 +354,9 @@ class KolorsLoraModule(L.LightningModule):
         self.resume_state: dict[str, Any] | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config, device: str = "cpu") -> KolorsLoraModule:
-        """Load the UNet for cfg's precision and add LoRA (gaussian init, as the Kolors example)."""
-        unet = load_unet(cfg, model_dtype(cfg.train.precision, device))
+    def from_config(cls, cfg: Config, plan: Plan | None = None) -> KolorsLoraModule:
+        """Load the UNet in the device plan's training dtype and add LoRA (gaussian init, as the Kolors example)."""
+        unet = load_unet(cfg, (plan or device_plan(cfg)).get("train", "unet").torch_dtype)
         torch.manual_seed(cfg.seed)  # the gaussian LoRA init must not depend on what ran before
         return cls(inject_lora(unet, cfg.lora), cfg.lora, cfg.train.learning_rate,
                    cfg.train.gradient_checkpointing, cfg.seed)
@@ -612,12 +605,14 @@ class _RunCallback(L.Callback):
 class _Validator:
     """Renders the validation prompts with the training UNet from cached embeddings into a grid."""
 
-    def __init__(self, cfg: Config, report: CacheReport, steps: int = 10, cfg_scale: float = 5.0):
+    def __init__(self, cfg: Config, report: CacheReport, plan: Plan, steps: int = 10, cfg_scale: float = 5.0):
         from kolors_lib.models import load_model_manager, resolve_model
 
         vae = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
-        self.device = cache_device(cfg)
-        self.decoder = load_model_manager([vae], device=self.device).fetch_model("sdxl_vae_decoder")
+        place = plan.get("validate", "vae_decoder")
+        self.device, self.tiled = place.device, plan.tiled_vae
+        self.decoder = load_model_manager([vae], device=self.device, dtype=place.torch_dtype).fetch_model(
+            "sdxl_vae_decoder")
         self.prompts = list(cfg.train.validation_prompts)
         self.texts = [load_text(report.root, report.validation_keys[p]) for p in self.prompts]
         self.negative = load_text(report.root, report.negative_key)
@@ -649,7 +644,7 @@ class _Validator:
                               add_time_id=add_time_ids(latents)) for e in (text, self.negative)]
                 pred = preds[1] + self.cfg_scale * (preds[0] - preds[1])
                 latents = scheduler.step(pred, timestep, latents)
-            pixels = self.decoder(latents.to(self.device, torch.float32))[0].float().cpu()
+            pixels = self.decoder(latents.to(self.device, torch.float32), tiled=self.tiled)[0].float().cpu()
             array = ((pixels.permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).numpy()
             tiles.append(Image.fromarray(array))
         unet.train(was_training)
@@ -741,7 +736,8 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
     t = cfg.train
     begin = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    report = build_cache(cfg, t.validation_prompts if t.validate_every else ())
+    plan = device_plan(cfg)
+    report = build_cache(cfg, t.validation_prompts if t.validate_every else (), plan)
     fingerprint = run_fingerprint(cfg, report)
     world = _world_size(t.devices, t.accelerator)
     total = total_steps(cfg, len(report.samples), world)
@@ -750,13 +746,13 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
     cfg.lora_dir.mkdir(parents=True, exist_ok=True)
     loss_csv = cfg.lora_dir / "loss.csv"
     _truncate_loss_csv(loss_csv, start)
-    module = KolorsLoraModule.from_config(cfg)
+    module = KolorsLoraModule.from_config(cfg, plan)
     module.sample_offset = start * t.grad_accum
     if state:
         module.load_lora_state_dict(state["lora"])
         module.resume_state = state
     if start < total:
-        _fit(cfg, module, report, start, total, world, fingerprint, list(callbacks))
+        _fit(cfg, plan, module, report, start, total, world, fingerprint, list(callbacks))
     final = save_lora(module, cfg.lora_dir / FINAL_NAME, lora_metadata(cfg, total))
     validator_images = sorted((cfg.lora_dir / "validation").glob("step-*.png"))
     return TrainResult(final, loss_csv, list_checkpoints(cfg), total, start, time.perf_counter() - begin,
@@ -770,7 +766,7 @@ def _strategy(name: str) -> str:
     return "ddp_notebook" if name == "ddp" and not hasattr(__main__, "__file__") else name
 
 
-def _fit(cfg: Config, module: KolorsLoraModule, report: CacheReport, start: int, total: int, world: int,
+def _fit(cfg: Config, plan: Plan, module: KolorsLoraModule, report: CacheReport, start: int, total: int, world: int,
          fingerprint: str, callbacks: list[L.Callback]) -> None:
     t = cfg.train
     remaining = total - start
@@ -778,10 +774,10 @@ def _fit(cfg: Config, module: KolorsLoraModule, report: CacheReport, start: int,
                             remaining * t.batch_size * t.grad_accum * world, cfg.seed, t.random_flip)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=False,
                                          num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
-    validator = _Validator(cfg, report) if t.validate_every and t.validation_prompts else None
+    validator = _Validator(cfg, report, plan) if t.validate_every and t.validation_prompts else None
     run = _RunCallback(cfg, total, start, fingerprint, validator)
     trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=_strategy(t.strategy),
-                        precision=t.precision,
+                        precision=plan.precision,
                         max_steps=remaining, max_epochs=-1, accumulate_grad_batches=t.grad_accum,
                         callbacks=[run, *callbacks], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
