@@ -60,7 +60,8 @@ ACTIVATIONS_1024 = {
 CUDA_RESERVE_GIB = 0.75
 # ChatGLM3-6B on one 256-token prompt: 2 x params x tokens FLOPs (DiffSynth pads to 256)
 TEXT_FLOPS_PER_PROMPT = 2 * PARAMS["text_encoder"] * 256
-# bf16 GEMM throughput of a laptop/desktop CPU with 8 cores (measured here per core, x8)
+# bf16 GEMM throughput assumed for an 8-core desktop CPU (not measured; the rehearsal measured
+# ~18 GFLOP/s effective on a 2-core machine shared with other jobs: docs/benchmarks.md)
 CPU_GFLOPS = 200.0
 
 # caching runs ChatGLM over the captions, frees it, then the VAE encoder over the images
