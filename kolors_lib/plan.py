@@ -277,6 +277,16 @@ def device_plan(cfg: Config, hardware: Hardware | None = None) -> Plan:
                 tiled, p)
 
 
+def caption_device(cfg: Config) -> str:
+    """Where step 02's captioner (Qwen2-VL) runs: filter.caption_device, else cfg.device; CPU without CUDA.
+
+    Step 02 runs before any Kolors phase and alone, so it needs no memory budget from the plan.
+    """
+    from kolors_lib.devices import resolve_device
+
+    return resolve_device(cfg.filter.caption_device or cfg.device)
+
+
 def to_int8(model: Any, device: str = "cuda") -> Any:
     """Swap `model`'s Linear layers for bitsandbytes LLM.int8 ones and move it to `device` (quantises there).
 
