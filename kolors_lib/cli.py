@@ -31,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true", help="rewrite even if the same tiny model is there")
+    tiny.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                      help="full: real-size random weights in the exact Kwai-Kolors/Kolors layout (~17 GB, fp16)")
+
+    plan = sub.add_parser("plan", help="which model runs where, in which dtype, with how much memory (loads nothing)")
+    add_common(plan)
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                      help="plan for a CUDA card with this much memory (default: this machine's)")
+    plan.add_argument("--no-bf16", action="store_true", help="the card has no bf16 (e.g. a T4)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     models = sub.add_parser("models", help="resolve (download or find) the profile's models and print their folders")
     add_common(models)
@@ -78,10 +87,32 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _tiny_kolors(args: argparse.Namespace) -> int:
-    from kolors_lib.tiny import write_tiny_kolors
+    """`--size full` writes a real-size random Kolors in the download's layout, else the tiny one."""
+    if args.size == "full":
+        from kolors_lib.fullsize import write_full_kolors as write_kolors
+    else:
+        from kolors_lib.tiny import write_tiny_kolors as write_kolors
 
-    out = write_tiny_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
+    out = write_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
     print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Print the device plan for a described card (--gpu-memory) or this machine; loads no weights, no torch."""
+    from dataclasses import replace
+
+    from kolors_lib.plan import Hardware, device_plan
+
+    if args.gpu_memory is not None:
+        hw = Hardware.card(args.gpu_memory, bf16=not args.no_bf16)
+        profile = "full" if args.profile == "auto" else args.profile  # a described GPU means the real model
+    else:
+        hw = Hardware.detect()
+        hw = replace(hw, bf16=hw.bf16 and not args.no_bf16)
+        profile = args.profile
+    plan = device_plan(load_config(args.config, profile=profile, workdir=args.workdir), hw)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0
 
 
@@ -179,7 +210,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"tiny-kolors": _tiny_kolors, "models": _models, "data": _data, "train": _train,
+COMMANDS = {"tiny-kolors": _tiny_kolors, "plan": _plan, "models": _models, "data": _data, "train": _train,
             "storyboard": _storyboard, "story": _story, "score": _score, "publish": _publish, "export-lora": _export}
 
 

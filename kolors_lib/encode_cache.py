@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from kolors_lib.config import Config
-from kolors_lib.devices import resolve_device
 from kolors_lib.errors import TrainingError
 from kolors_lib.files import save_safetensors, write_text
+from kolors_lib.plan import Placement, Plan, device_plan, to_int8
 
 CACHE_VERSION = "1"
 
@@ -69,14 +69,6 @@ def image_key(data: bytes, resolution: int, crop: str, flip: bool, vae_id: str, 
 
 
 # --------------------------------------------------------------------------- settings
-
-
-def model_dtype(precision: str, device: str) -> torch.dtype:
-    """Weights dtype for a Lightning precision, as the stock script (fp32 for "32", else half)."""
-    if "32" in str(precision) or torch.device(device).type == "cpu" and str(precision).startswith("16"):
-        # fp16 convolutions on CPU are slow and partly missing; autocast still runs the math in fp16
-        return torch.float32
-    return torch.bfloat16 if str(precision).startswith("bf16") else torch.float16
 
 
 @dataclass
@@ -151,10 +143,12 @@ class CacheReport:
     negative_key: str = ""
 
 
-def build_cache(cfg: Config, extra_prompts: Sequence[str] = (), negative: str = "") -> CacheReport:
+def build_cache(cfg: Config, extra_prompts: Sequence[str] = (), negative: str = "",
+                plan: Plan | None = None) -> CacheReport:
     """Encode captions (ChatGLM) and images (fp16-fix VAE) missing from the cache, then free the encoders.
 
     `extra_prompts` and `negative` (validation images) are encoded too; `negative` becomes negative_key.
+    Each encoder runs where the device plan (`plan`, default cfg's) puts it, in its dtype.
     """
     from kolors_lib.models import kolors_paths, resolve_model
 
@@ -162,26 +156,29 @@ def build_cache(cfg: Config, extra_prompts: Sequence[str] = (), negative: str = 
     samples = read_metadata(cfg.train_dir)
     paths = kolors_paths(cfg)
     vae_file = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
-    device = resolve_device(cfg.device)
-    dtype = model_dtype(cfg.train.precision, device)
+    plan = plan or device_plan(cfg)
+    te, ve = plan.get("cache-captions", "text_encoder"), plan.get("cache-latents", "vae_encoder")
     te_id, vae_id = model_identity(paths.text_encoder), model_identity(vae_file)
     crop = "center" if cfg.train.center_crop else f"fixed-random-{cfg.seed}"
     for s in samples:
         img = cfg.train_dir / s.file_name
         if not img.is_file():
             raise TrainingError(f"{img} is listed in metadata.csv but missing")
-        s.text_key = text_key(s.text, te_id, dtype)
-        s.image_key = image_key(img.read_bytes(), cfg.resolution, crop, cfg.train.random_flip, vae_id, dtype)
-    prompts = {p: text_key(p, te_id, dtype) for p in [*extra_prompts, negative]}
+        s.text_key = text_key(s.text, te_id, te.torch_dtype)
+        s.image_key = image_key(img.read_bytes(), cfg.resolution, crop, cfg.train.random_flip, vae_id,
+                                ve.torch_dtype)
+    prompts = {p: text_key(p, te_id, te.torch_dtype) for p in [*extra_prompts, negative]}
     texts = {s.text_key: s.text for s in samples} | {k: p for p, k in prompts.items()}
     todo_text = {k: t for k, t in texts.items() if not (root / "text" / f"{k}.safetensors").is_file()}
     todo_img = {s.image_key: s for s in samples
                 if not (root / "latents" / f"{s.image_key}.safetensors").is_file()}
     report = CacheReport(root, samples, len(todo_text), len(todo_img),
                          {p: k for p, k in prompts.items() if p}, prompts[negative])
-    if todo_text or todo_img:
-        _encode(cfg, paths.text_encoder if todo_text else None, vae_file if todo_img else None,
-                todo_text, todo_img, device, dtype, root, crop, te_id, vae_id)
+    # each encoder where the plan puts it (ChatGLM may stay on the CPU while the VAE uses the GPU)
+    if todo_text:
+        _encode(cfg, paths.text_encoder, None, todo_text, {}, te, plan.tiled_vae, root, crop, te_id, vae_id)
+    if todo_img:
+        _encode(cfg, None, vae_file, {}, todo_img, ve, plan.tiled_vae, root, crop, te_id, vae_id)
     index = [{"file_name": s.file_name, "text": s.text, "text_key": s.text_key, "image_key": s.image_key}
              for s in samples]
     write_text(root / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
@@ -189,7 +186,7 @@ def build_cache(cfg: Config, extra_prompts: Sequence[str] = (), negative: str = 
 
 
 def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts: dict[str, str],
-            images: dict[str, Sample], device: str, dtype: torch.dtype, root: Path, crop: str,
+            images: dict[str, Sample], place: Placement, tiled: bool, root: Path, crop: str,
             te_id: str, vae_id: str) -> None:
     """Load only the encoders needed, run them once per item, write the cache, free them."""
     from diffsynth import SDXLImagePipeline
@@ -197,7 +194,10 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
     from kolors_lib.models import load_model_manager
 
     files = [f for f in (text_encoder, vae_file) if f is not None]
-    manager = load_model_manager(files, device=device, dtype=dtype)
+    device, dtype = place.device, place.torch_dtype
+    manager = load_model_manager(files, device="cpu" if place.dtype == "int8" else device, dtype=dtype)
+    if place.dtype == "int8":
+        to_int8(manager.fetch_model("kolors_text_encoder"), device)
     with contextlib.redirect_stdout(io.StringIO()):  # "Using ... / No ... available" per model kind
         pipe = SDXLImagePipeline.from_model_manager(manager)
     with torch.no_grad():
@@ -212,7 +212,7 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
             image = load_image_tensor(cfg.train_dir / s.file_name, cfg.resolution, cfg.train.center_crop,
                                       cfg.seed)
             batch = torch.stack([image, image.flip(-1)]) if cfg.train.random_flip else image[None]
-            latents = pipe.vae_encoder(batch.to(dtype=dtype, device=device))
+            latents = pipe.vae_encoder(batch.to(dtype=dtype, device=device), tiled=tiled)
             tensors = {"latents": latents[0]}
             if cfg.train.random_flip:
                 # the VAE is not exactly flip-equivariant: encode the mirrored image too

@@ -39,6 +39,7 @@ from kolors_lib.console import logged_step
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import LoraNotFoundError, MissingInputError, StoryError
 from kolors_lib.files import atomic_path, sha256_file, write_json
+from kolors_lib.plan import Placement, device_plan, to_int8
 from kolors_lib.story import (
     SIZE_MULTIPLE,
     RenderSettings,
@@ -193,7 +194,7 @@ class KolorsRenderer:
     """
 
     def __init__(self, root: Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                 offload_text_encoder: bool = True) -> None:
+                 offload_text_encoder: bool = True, text: Placement | None = None, tiled: bool = False) -> None:
         from kolors_lib.compat import patch_torchvision
         from kolors_lib.models import KolorsPaths, load_model_manager
 
@@ -204,6 +205,11 @@ class KolorsRenderer:
         self.device = device
         self.dtype = dtype or default_dtype(device)
         self.offload = offload_text_encoder
+        # offloaded, ChatGLM may sit elsewhere than the UNet (the CPU, or int8 on a small GPU)
+        text = text if offload_text_encoder else None
+        self.text_device = text.device if text else device
+        self.text_dtype = text.torch_dtype if text else self.dtype
+        self.tiled = tiled
         self.paths = KolorsPaths.from_root(self.root)
         # offloading: phase 1 loads only ChatGLM and phase 2 only the UNet and VAE, so neither host
         # RAM nor GPU memory ever holds both; on a GPU each phase loads on the CPU, then moves over
@@ -212,8 +218,11 @@ class KolorsRenderer:
             self.paths.text_encoder, self.paths.unet, self.paths.vae]
         log = io.StringIO()
         with contextlib.redirect_stdout(log), _no_transformers_bars():  # DiffSynth prints lines per model
-            self.manager = load_model_manager(files, device=self.load_device, dtype=self.dtype)
+            self.manager = load_model_manager(files, device=self.load_device, dtype=self.text_dtype)
+            if text is not None and text.dtype == "int8":
+                to_int8(self.manager.fetch_model("kolors_text_encoder"), text.device)
             self.pipe = SDXLImagePipeline.from_model_manager(self.manager, device=device)
+            self.pipe.torch_dtype = self.dtype  # latents in the UNet's dtype, whatever ChatGLM's is
         self.load_log = log.getvalue()
         if self.pipe.text_encoder_kolors is None:
             raise RuntimeError(f"{self.root}: DiffSynth found no Kolors ChatGLM there")
@@ -223,12 +232,21 @@ class KolorsRenderer:
         self.pipe.encode_prompt = self._cached_prompt  # instance attribute shadows the method
 
     @classmethod
+    def for_config(cls, cfg: Config, root: Path) -> KolorsRenderer:
+        """The renderer with every model where the device plan puts it."""
+        plan = device_plan(cfg)
+        unet = plan.get("storyboard-denoise", "unet")
+        return cls(root, unet.device, unet.torch_dtype, cfg.generate.offload_text_encoder,
+                   plan.get("storyboard-encode", "text_encoder"), plan.tiled_vae)
+
+    @classmethod
     def around_unet(cls, root: Path, unet: torch.nn.Module, embeddings: dict[tuple[str, bool], dict[str, torch.Tensor]],
-                    device: str) -> KolorsRenderer:
+                    device: str, tiled: bool = False) -> KolorsRenderer:
         """A renderer for a UNet already in memory (training's) with prompts encoded elsewhere (its cache).
 
         No ChatGLM is loaded: `embeddings` ((prompt, positive) -> encode_prompt output) answer the
-        pipeline, which gets Kolors' scheduler (what DiffSynth switches to with ChatGLM) and `root`'s VAE.
+        pipeline, which gets Kolors' scheduler (what DiffSynth switches to with ChatGLM) and `root`'s VAE
+        (tiled when the device plan says so: `tiled`).
         """
         from diffsynth import SDXLImagePipeline
 
@@ -238,6 +256,7 @@ class KolorsRenderer:
         self = cls.__new__(cls)
         self.root, self.device, self.offload = Path(root), device, True
         self.dtype = next(unet.parameters()).dtype
+        self.text_device, self.text_dtype, self.tiled = device, self.dtype, tiled
         self.paths, self.load_device = KolorsPaths.from_root(self.root), device
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
@@ -290,7 +309,9 @@ class KolorsRenderer:
         key = (prompt, bool(positive), clip_skip, clip_skip_2)
         if key not in self.cache:
             raise RuntimeError(f"prompt not encoded in phase 1 (ChatGLM is released): {prompt!r}")
-        return self.cache[key]
+        if self.text_device == self.device and self.text_dtype == self.dtype:
+            return self.cache[key]
+        return {k: v.to(self.device, self.dtype) for k, v in self.cache[key].items()}
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], negatives: Sequence[str] = ("",)) -> None:
@@ -304,13 +325,17 @@ class KolorsRenderer:
         pipe = self.pipe
         encoder = pipe.text_encoder_kolors
         _peak_reset(self.device)
-        if self.offload and _cuda(self.device):
-            encoder.to(self.device)
+        if self.offload and _cuda(self.text_device):
+            encoder.to(self.text_device)
         todo = [(p, True) for p in dict.fromkeys(prompts)] + [(n, False) for n in dict.fromkeys(negatives)]
-        for prompt, positive in todo:
-            key = (prompt, positive, 1, 2)
-            if key not in self.cache:
-                self.cache[key] = _encode_one(pipe, prompt, positive)
+        pipe.device = self.text_device  # DiffSynth puts the token ids on pipe.device
+        try:
+            for prompt, positive in todo:
+                key = (prompt, positive, 1, 2)
+                if key not in self.cache:
+                    self.cache[key] = _encode_one(pipe, prompt, positive)
+        finally:
+            pipe.device = self.device
         self.peak_memory["encode"] = _peak(self.device)
         if self.offload:
             self.release_text_encoder()
@@ -353,7 +378,7 @@ class KolorsRenderer:
         self._to_device(["unet", "vae_decoder"] + (["vae_encoder"] if input_image is not None else []))
         image = self.pipe(prompt, negative_prompt=negative, cfg_scale=cfg_scale, height=height, width=width,
                           num_inference_steps=steps, seed=seed, input_image=input_image,
-                          denoising_strength=denoising_strength, progress_bar_cmd=_quiet)
+                          denoising_strength=denoising_strength, tiled=self.tiled, progress_bar_cmd=_quiet)
         self.peak_memory["denoise"] = max(self.peak_memory.get("denoise") or 0, _peak(self.device) or 0) or None
         return image
 
@@ -446,7 +471,7 @@ def prepare_renderer(cfg: Config, lora_path: str | Path | None, prompts: Sequenc
     lora = read_lora(lora_path or default_lora_path(cfg), cfg)
     root = kolors_paths(cfg).root
     check_lora_against(root, lora)
-    renderer = KolorsRenderer(root, resolve_device(cfg.device), offload_text_encoder=cfg.generate.offload_text_encoder)
+    renderer = KolorsRenderer.for_config(cfg, root)  # every model where the device plan puts it
     renderer.encode(prompts, negatives)
     return lora, renderer
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from kolors_lib.config import Config
 from kolors_lib.errors import FilterError
 from kolors_lib.filtering import op_name
+from kolors_lib.plan import caption_device
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -83,13 +84,6 @@ def optional_model(cfg: Config, key: str) -> Path | None:
     return None
 
 
-def caption_device(cfg: Config) -> str:
-    """filter.caption_device, else the config's device; CUDA falls back to CPU when there is none."""
-    from kolors_lib.devices import resolve_device
-
-    return resolve_device(cfg.filter.caption_device or cfg.device)
-
-
 def prepare_model_ops(cfg: Config, process: list[Any], dj_dir: Path, recipe_path: Path) -> ModelOps:
     """Fill in the model ops of `process` from `cfg`; drop the ones that are off (see the module doc)."""
     from kolors_lib.models import resolve_model
@@ -123,7 +117,7 @@ def prepare_model_ops(cfg: Config, process: list[Any], dj_dir: Path, recipe_path
             args.update(model_path=str(resolve_model(cfg, "captioner")), mode=f.caption_mode,
                         instruction=f.caption_instruction, gen_batch_size=f.caption_batch_size,
                         max_new_tokens=f.caption_max_new_tokens, max_pixels=f.caption_max_pixels,
-                        device=caption_device(cfg))
+                        device=caption_device(cfg))  # the device plan picks it
             # one model copy; and torch in forked workers can hang once the parent has used its threads
             args.setdefault("num_proc", 1)
             out.caption_mode = f.caption_mode

@@ -16,17 +16,21 @@ from kolors_lib.config import Config, ModelSource
 from kolors_lib.errors import ModelUnavailableError
 from kolors_lib.hub import hub_endpoint, hub_reachable
 
-# What must be inside each model folder for it to count as complete.
+# The UNet as ComfyUI-KwaiKolorsWrapper (diffusers variant="fp16") and the course load it: 5 GB,
+# not the unused 10 GB fp32 copy. A folder holding only the fp32 file (an older download) still works.
+UNET_FP16 = "unet/diffusion_pytorch_model.fp16.safetensors"
+UNET_FP32 = "unet/diffusion_pytorch_model.safetensors"
+# What must be inside each model folder for it to count as complete (a tuple: any one of them).
 REQUIRED_FILES = {
-    "kolors": ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+    "kolors": ("unet/config.json", (UNET_FP16, UNET_FP32), "vae/config.json",
                "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json"),
     "vae_fp16_fix": ("config.json", "diffusion_pytorch_model.safetensors"),
     "aesthetic": ("config.json",),
     "captioner": ("config.json", "preprocessor_config.json", "tokenizer_config.json", "generation_config.json"),
 }
 ALLOW_PATTERNS = {
-    # the fp16 variants and the pipeline's own tokenizer folder are not needed by DiffSynth
-    "kolors": ["model_index.json", "scheduler/*", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    # the fp16 UNet only (the VAE's fp16 variant and the pipeline's own tokenizer folder are not needed)
+    "kolors": ["model_index.json", "scheduler/*", "unet/config.json", UNET_FP16,
                "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/*"],
     "vae_fp16_fix": ["config.json", "diffusion_pytorch_model.safetensors"],
     "aesthetic": None,
@@ -46,8 +50,9 @@ class KolorsPaths:
     @classmethod
     def from_root(cls, root: Path) -> KolorsPaths:
         """Paths inside a folder in the layout of Kwai-Kolors/Kolors."""
-        return cls(root, root / "text_encoder", root / "unet" / "diffusion_pytorch_model.safetensors",
-                   root / "vae" / "diffusion_pytorch_model.safetensors")
+        fp32_only = (root / UNET_FP32).is_file() and not (root / UNET_FP16).is_file()
+        unet = root / (UNET_FP32 if fp32_only else UNET_FP16)
+        return cls(root, root / "text_encoder", unet, root / "vae" / "diffusion_pytorch_model.safetensors")
 
     def files(self) -> list[Path]:
         """ChatGLM, UNet and VAE, in the order `load_model_manager` takes them."""
@@ -55,7 +60,10 @@ class KolorsPaths:
 
 
 def _missing(folder: Path, key: str) -> list[str]:
-    return [name for name in REQUIRED_FILES[key] if not (folder / name).exists()]
+    def present(names: str | tuple[str, ...]) -> bool:
+        return any((folder / n).exists() for n in ((names,) if isinstance(names, str) else names))
+
+    return [n if isinstance(n, str) else " or ".join(n) for n in REQUIRED_FILES[key] if not present(n)]
 
 
 def _override_hint(key: str) -> str:

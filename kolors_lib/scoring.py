@@ -32,6 +32,7 @@ from kolors_lib.console import progress as tqdm  # finished bars in saved notebo
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import ScoreError
 from kolors_lib.files import write_json, write_text
+from kolors_lib.plan import device_plan
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -305,7 +306,8 @@ def score_folder(
     if not any(is_panel(n, non_panel) for n in images):
         raise ScoreError(f"no panel images in {folder}: only non-panel files {', '.join(images)}")
     model_folder = resolve_model(cfg, "aesthetic")
-    dev = resolve_device(device or cfg.device)
+    # `device` when given, else where the device plan puts the predictor; CUDA falls back to CPU without one
+    dev = resolve_device(device or device_plan(cfg).get("score", "aesthetic").device)
     model, processor = load_predictor(model_folder, dev)
 
     scores: dict[str, float] = {}

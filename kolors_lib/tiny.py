@@ -89,13 +89,15 @@ def tiny_chatglm_config() -> dict[str, Any]:
 # ---------------------------------------------------------------- writing to disk
 
 
-def _save_diffusers(model: torch.nn.Module, folder: Path, config: dict[str, Any]) -> None:
-    """Write `config.json` + `diffusion_pytorch_model.safetensors` as diffusers does."""
+def _save_diffusers(model: torch.nn.Module, folder: Path, config: dict[str, Any], variant: str | None = None) -> None:
+    """Write `config.json` + `diffusion_pytorch_model[.VARIANT].safetensors` as diffusers does."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    dtype = torch.float16 if variant == "fp16" else None
+    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    name = f"diffusion_pytorch_model{f'.{variant}' if variant else ''}.safetensors"
+    save_file(state, str(folder / name), metadata={"format": "pt"})
     write_json(config, folder / "config.json")
 
 
@@ -107,13 +109,14 @@ def _tokenizer_dir() -> Path:
 
 
 def write_tiny_unet(folder: Path, seed: int) -> None:
-    """A random tiny Kolors UNet in diffusers layout (built by diffusers itself)."""
+    """A random tiny Kolors UNet in diffusers layout (built by diffusers itself), as the fp16 variant file
+    that the course downloads (unet/diffusion_pytorch_model.fp16.safetensors)."""
     from diffusers import UNet2DConditionModel
 
     cfg = tiny_unet_config()
     torch.manual_seed(seed)
     model = UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
-    _save_diffusers(model, folder, cfg)
+    _save_diffusers(model, folder, cfg, variant="fp16")
 
 
 def write_tiny_vae(folder: Path, seed: int) -> None:
@@ -182,7 +185,8 @@ def write_tiny_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) 
     out = {"kolors": dest / "Kolors", "vae_fp16_fix": dest / "sdxl-vae-fp16-fix",
            "aesthetic": dest / "aesthetics-predictor", "captioner": dest / "Qwen2-VL-2B-Instruct"}
     marker = dest / "tiny-kolors.json"
-    info = {"seed": seed, "unet": TINY_UNET, "vae": TINY_VAE, "chatglm": TINY_CHATGLM,
+    info = {"seed": seed, "unet_file": "diffusion_pytorch_model.fp16.safetensors",
+            "unet": TINY_UNET, "vae": TINY_VAE, "chatglm": TINY_CHATGLM,
             "clip_vision": TINY_CLIP_VISION, "vlm": TINY_VLM, "aesthetic_tokenizer": True}
     if marker.exists() and not overwrite and json.loads(marker.read_text()) == info:
         return out

@@ -31,11 +31,11 @@ from kolors_lib.encode_cache import (
     build_cache,
     content_hash,
     load_text,
-    model_dtype,
 )
 from kolors_lib.errors import NonFiniteLossError, TrainingError
 from kolors_lib.files import atomic_path, move_aside, save_safetensors, save_torch
 from kolors_lib.pictures import side_by_side
+from kolors_lib.plan import Plan, device_plan
 
 patch_torchvision()  # lightning imports torchvision (via torchmetrics); must come first
 
@@ -101,9 +101,9 @@ class KolorsLoraModule(L.LightningModule):
         self.resume_state: dict[str, Any] | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config, device: str = "cpu") -> KolorsLoraModule:
-        """Load the UNet for cfg's precision and add LoRA (gaussian init, as the Kolors example)."""
-        unet = load_unet(cfg, model_dtype(cfg.train.precision, device))
+    def from_config(cls, cfg: Config, plan: Plan | None = None) -> KolorsLoraModule:
+        """Load the UNet in the device plan's training dtype and add LoRA (gaussian init, as the Kolors example)."""
+        unet = load_unet(cfg, (plan or device_plan(cfg)).get("train", "unet").torch_dtype)
         torch.manual_seed(cfg.seed)  # the gaussian LoRA init must not depend on what ran before
         return cls(inject_lora(unet, cfg.lora), cfg.lora, cfg.train.learning_rate,
                    cfg.train.gradient_checkpointing, cfg.seed)
@@ -362,7 +362,7 @@ class _Validator:
     what you watch during training is what step 04 will give; one image per prompt (seed: cfg.seed + i).
     """
 
-    def __init__(self, cfg: Config, report: CacheReport):
+    def __init__(self, cfg: Config, report: CacheReport, plan: Plan):
         from kolors_lib.models import kolors_paths
         from kolors_lib.story import load_story, render_settings
 
@@ -371,6 +371,7 @@ class _Validator:
         self.embeddings = {(p, True): load_text(report.root, report.validation_keys[p]) for p in self.prompts}
         self.embeddings[(negative, False)] = load_text(report.root, report.negative_key)
         self.cfg, self.root = cfg, kolors_paths(cfg).root
+        self.tiled = plan.tiled_vae  # the VAE decode tiles when the plan says the untiled one does not fit
         self.renderer: Any = None
         self.out_dir = cfg.lora_dir / "validation"
         self.images: list[Path] = []
@@ -382,7 +383,7 @@ class _Validator:
 
         if self.renderer is None:
             device = str(next(unet.parameters()).device)
-            self.renderer = KolorsRenderer.around_unet(self.root, unet, self.embeddings, device)
+            self.renderer = KolorsRenderer.around_unet(self.root, unet, self.embeddings, device, self.tiled)
         was_training = unet.training
         unet.eval()
         s = self.settings
@@ -466,7 +467,8 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     validating = bool(t.validate_every and t.validation_prompts)
     prompts, negative = validation_texts(cfg) if validating else ([], "")
-    report = build_cache(cfg, prompts, negative)
+    plan = device_plan(cfg)
+    report = build_cache(cfg, prompts, negative, plan)
     fingerprint = run_fingerprint(cfg, report)
     world = _world_size(t.devices, t.accelerator)
     total = total_steps(cfg, len(report.samples), world)
@@ -475,13 +477,13 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
     cfg.lora_dir.mkdir(parents=True, exist_ok=True)
     loss_csv = cfg.loss_csv
     _truncate_loss_csv(loss_csv, start)
-    module = KolorsLoraModule.from_config(cfg)
+    module = KolorsLoraModule.from_config(cfg, plan)
     module.sample_offset = start * t.grad_accum
     if state:
         module.load_lora_state_dict(state["lora"])
         module.resume_state = state
     if start < total:
-        _fit(cfg, module, report, start, total, world, fingerprint, list(callbacks))
+        _fit(cfg, plan, module, report, start, total, world, fingerprint, list(callbacks))
     final = save_lora(module, cfg.lora_path, lora_metadata(cfg, total))
     validator_images = sorted((cfg.lora_dir / "validation").glob("step-*.png"))
     return TrainResult(final, loss_csv, list_checkpoints(cfg), total, start, time.perf_counter() - begin,
@@ -495,18 +497,18 @@ def _strategy(name: str) -> str:
     return "ddp_notebook" if name == "ddp" and not hasattr(__main__, "__file__") else name
 
 
-def _fit(cfg: Config, module: KolorsLoraModule, report: CacheReport, start: int, total: int, world: int,
-         fingerprint: str, callbacks: list[L.Callback]) -> None:
+def _fit(cfg: Config, plan: Plan, module: KolorsLoraModule, report: CacheReport, start: int, total: int,
+         world: int, fingerprint: str, callbacks: list[L.Callback]) -> None:
     t = cfg.train
     remaining = total - start
     dataset = CachedDataset(report, start * t.batch_size * t.grad_accum * world,
                             remaining * t.batch_size * t.grad_accum * world, cfg.seed, t.random_flip)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=False,
                                          num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
-    validator = _Validator(cfg, report) if t.validate_every and t.validation_prompts else None
+    validator = _Validator(cfg, report, plan) if t.validate_every and t.validation_prompts else None
     run = _RunCallback(cfg, total, start, fingerprint, validator)
     trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=_strategy(t.strategy),
-                        precision=t.precision,
+                        precision=plan.precision,
                         max_steps=remaining, max_epochs=-1, accumulate_grad_batches=t.grad_accum,
                         callbacks=[run, *callbacks], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -235,7 +235,7 @@ def node_mod() -> types.ModuleType:
 def diffsynth_unet(tiny_unet_root: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     from kolors_lib.models import load_model_manager
 
-    manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.safetensors"])
+    manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.fp16.safetensors"])
     unet = manager.fetch_model("sdxl_unet").eval()
     return unet, {k: v.clone() for k, v in unet.state_dict().items()}
 
@@ -301,7 +301,7 @@ def kolors_model(tiny_unet_root: Path) -> dict:
     """Shaped like ComfyUI-KwaiKolorsWrapper's KOLORSMODEL: {"pipeline": <pipeline with .unet>, "dtype": ...}."""
     from diffusers import EulerDiscreteScheduler, KolorsPipeline, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_unet_root / "Kolors/unet").eval()
+    unet = UNet2DConditionModel.from_pretrained(tiny_unet_root / "Kolors/unet", variant="fp16").eval()
     pipeline = KolorsPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
                               scheduler=EulerDiscreteScheduler())
     return {"pipeline": pipeline, "dtype": torch.float32}

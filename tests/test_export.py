@@ -39,7 +39,7 @@ META = {"rank": RANK, "alpha": ALPHA, "base_model": "Kwai-Kolors/Kolors", "trigg
 
 @pytest.fixture(scope="module")
 def base_unet(tiny_unet_root: Path) -> torch.nn.Module:
-    manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.safetensors"])
+    manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.fp16.safetensors"])
     return manager.fetch_model("sdxl_unet").eval()
 
 
@@ -125,7 +125,7 @@ def unet(_work_unet: tuple) -> torch.nn.Module:
 def diffusers_unet(tiny_unet_root: Path) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(tiny_unet_root / "Kolors/unet").eval()
+    return UNet2DConditionModel.from_pretrained(tiny_unet_root / "Kolors/unet", variant="fp16").eval()
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -207,7 +207,7 @@ def test_merge_needs_alpha_for_a_peft_state_dict(unet: torch.nn.Module, trained:
 def test_diffsynth_own_loader_with_the_matching_lora_alpha(tiny_unet_root: Path, trained: tuple,
                                                            inputs: tuple) -> None:
     state, y_ref = trained
-    manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.safetensors"])
+    manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.fp16.safetensors"])
     assert diffsynth_lora_alpha(1.0, RANK, ALPHA) == ALPHA / RANK
     manager.load_lora("", state_dict=state, lora_alpha=diffsynth_lora_alpha(1.0, RANK, ALPHA))
     close(run_diffsynth(manager.fetch_model("sdxl_unet"), inputs), y_ref)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 import socket
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from kolors_lib.config import load_config
-from kolors_lib.models import ModelUnavailableError, kolors_paths, resolve_model
+from kolors_lib.models import ALLOW_PATTERNS, ModelUnavailableError, kolors_paths, load_model_manager, resolve_model
 from kolors_lib.tiny import write_tiny_kolors
 
 
@@ -45,15 +47,53 @@ def test_prefilled_modelscope_cache_is_used_offline(tmp_path: Path, monkeypatch)
     cache = tmp_path / "cache"
     shutil.copytree(tiny["kolors"], cache / "Kwai-Kolors" / "Kolors")
     cfg = load_config(profile="full", workdir=tmp_path, overrides={"models": {"cache_dir": str(cache)}})
-    assert kolors_paths(cfg).unet == cache / "Kwai-Kolors/Kolors/unet/diffusion_pytorch_model.safetensors"
+    assert kolors_paths(cfg).unet == cache / "Kwai-Kolors/Kolors/unet/diffusion_pytorch_model.fp16.safetensors"
+    manager = load_model_manager([kolors_paths(cfg).unet], dtype=torch.float16)  # DiffSynth takes the variant
+    assert next(manager.fetch_model("sdxl_unet").parameters()).dtype == torch.float16
+
+
+def test_download_takes_the_fp16_unet_the_comfyui_wrapper_loads() -> None:
+    """ModelScope's allow_patterns (fnmatch globs) against the files of Kwai-Kolors/Kolors."""
+    repo = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/config.json",
+            "text_encoder/pytorch_model-00001-of-00007.bin", "text_encoder/tokenizer.model",
+            "tokenizer/tokenizer.model", "README.md", "imgs/cat_and_dog.png"]
+    taken = {f for f in repo if any(fnmatch.fnmatch(f, p) for p in ALLOW_PATTERNS["kolors"])}
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in taken
+    assert "unet/diffusion_pytorch_model.safetensors" not in taken  # the unused 10 GB fp32 copy
+    assert {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+            "text_encoder/pytorch_model-00001-of-00007.bin"} <= taken  # what the wrapper reads too
+
+
+def test_an_older_download_with_only_the_fp32_unet_still_loads(tmp_path: Path) -> None:
+    tiny = write_tiny_kolors(tmp_path / "tiny")
+    unet = tiny["kolors"] / "unet"
+    (unet / "diffusion_pytorch_model.fp16.safetensors").rename(unet / "diffusion_pytorch_model.safetensors")
+    cfg = load_config(profile="full", workdir=tmp_path,
+                      overrides={"models": {"kolors": {"local_dir": str(tiny["kolors"])}}})
+    assert kolors_paths(cfg).unet == unet / "diffusion_pytorch_model.safetensors"
+    assert load_model_manager([kolors_paths(cfg).unet]).fetch_model("sdxl_unet") is not None
+
+
+def test_the_tiny_unet_loads_as_the_comfyui_wrapper_loads_it(tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    tiny = write_tiny_kolors(tmp_path / "tiny")
+    unet = UNet2DConditionModel.from_pretrained(tiny["kolors"] / "unet", variant="fp16", low_cpu_mem_usage=True)
+    assert unet.config.projection_class_embeddings_input_dim == 64 + 6 * 32
+    with pytest.raises(OSError):  # no fp32 copy: the folder holds the variant only, as the download does
+        UNet2DConditionModel.from_pretrained(tiny["kolors"] / "unet")
 
 
 def test_local_override_must_be_complete(tmp_path: Path) -> None:
     tiny = write_tiny_kolors(tmp_path / "tiny")
-    (tiny["kolors"] / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (tiny["kolors"] / "unet" / "diffusion_pytorch_model.fp16.safetensors").unlink()
     cfg = load_config(profile="full", workdir=tmp_path,
                       overrides={"models": {"kolors": {"local_dir": str(tiny["kolors"])}}})
-    with pytest.raises(ModelUnavailableError, match="missing unet/diffusion_pytorch_model.safetensors"):
+    with pytest.raises(ModelUnavailableError, match="missing unet/diffusion_pytorch_model.fp16.safetensors or "
+                                                    "unet/diffusion_pytorch_model.safetensors"):
         resolve_model(cfg, "kolors")
 
 
@@ -68,5 +108,5 @@ def test_cli_tiny_kolors_writes_the_layout(tmp_path: Path, capsys) -> None:
     from kolors_lib.cli import main
 
     assert main(["tiny-kolors", str(tmp_path / "m"), "--seed", "3"]) == 0
-    assert (tmp_path / "m/Kolors/unet/diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "m/Kolors/unet/diffusion_pytorch_model.fp16.safetensors").is_file()
     assert str(tmp_path / "m/Kolors") in capsys.readouterr().out

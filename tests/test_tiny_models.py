@@ -63,7 +63,7 @@ def test_tiny_unet_has_the_real_kolors_key_names(tiny_dir: Path) -> None:
 def test_layout_matches_kwai_kolors_repo(tiny_dir: Path) -> None:
     kolors = tiny_dir / "Kolors"
     for name in ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
-                 "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                 "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
                  "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
                  "text_encoder/pytorch_model.bin.index.json", "text_encoder/tokenizer.model",
                  "text_encoder/tokenizer_config.json", "tokenizer/tokenizer.model"):
@@ -80,7 +80,7 @@ def test_layout_matches_kwai_kolors_repo(tiny_dir: Path) -> None:
 def test_same_seed_same_bytes_other_seed_other_weights(tiny_dir: Path, tmp_path: Path) -> None:
     again = write_tiny_kolors(tmp_path / "a", seed=0)["kolors"]
     other = write_tiny_kolors(tmp_path / "b", seed=1)["kolors"]
-    unet = "unet/diffusion_pytorch_model.safetensors"
+    unet = "unet/diffusion_pytorch_model.fp16.safetensors"
     assert _sha(again / unet) == _sha(tiny_dir / "Kolors" / unet)
     assert _sha(again / "vae/diffusion_pytorch_model.safetensors") == _sha(
         tiny_dir / "Kolors/vae/diffusion_pytorch_model.safetensors")
@@ -88,7 +88,7 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny_dir: Path, tmp_path:
 
 
 def test_rewrite_is_skipped_when_unchanged(tiny_dir: Path) -> None:
-    unet = tiny_dir / "Kolors/unet/diffusion_pytorch_model.safetensors"
+    unet = tiny_dir / "Kolors/unet/diffusion_pytorch_model.fp16.safetensors"
     before = unet.stat().st_mtime_ns
     write_tiny_kolors(tiny_dir, seed=0)
     assert unet.stat().st_mtime_ns == before
@@ -98,8 +98,9 @@ def test_tiny_unet_agrees_with_diffusers_unet(tiny_dir: Path) -> None:
     """diffusers' own UNet2DConditionModel, loaded from the same folder, gives the same output."""
     from diffusers import UNet2DConditionModel
 
-    ours = load_model_manager([tiny_dir / "Kolors/unet/diffusion_pytorch_model.safetensors"]).fetch_model("sdxl_unet")
-    theirs = UNet2DConditionModel.from_pretrained(tiny_dir / "Kolors/unet").eval()
+    unet_file = tiny_dir / "Kolors/unet/diffusion_pytorch_model.fp16.safetensors"
+    ours = load_model_manager([unet_file]).fetch_model("sdxl_unet")
+    theirs = UNet2DConditionModel.from_pretrained(tiny_dir / "Kolors/unet", variant="fp16").eval()
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, 16, 16, generator=gen)
     text = torch.randn(2, 7, 64, generator=gen)
@@ -192,6 +193,6 @@ def test_real_size_configs_give_the_checkpoints_diffsynth_recognises() -> None:
 
 
 def test_loading_keeps_diffsynth_chatter_out_of_the_notebook(tiny_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    manager = load_model_manager([tiny_dir / "Kolors/unet/diffusion_pytorch_model.safetensors"])
+    manager = load_model_manager([tiny_dir / "Kolors/unet/diffusion_pytorch_model.fp16.safetensors"])
     assert "Loading models from" not in capsys.readouterr().out
     assert "Loading models from" in manager.load_log and manager.model_name == ["sdxl_unet"]
