@@ -181,6 +181,14 @@ class Plan:
                 rows.append(f"{'':<19} {'= GPU peak':<13} {'':<6} {'':<9} {peak:>8.2f}  {mark}")
         return "\n".join([head, *rows])
 
+    def frame(self) -> Any:
+        """The plan as a pandas table (phase, model, device, dtype, est. GiB, note) for a notebook."""
+        import pandas as pd
+
+        cols = ["phase", "model", "device", "dtype", "gib", "note"]
+        rows = [[getattr(p, c) for c in cols] for p in self.placements]
+        return pd.DataFrame(rows, columns=cols).rename(columns={"gib": "est. GiB"})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for --json and manifests."""
         return {"profile": self.profile, "hardware": asdict(self.hardware), "resolution": self.resolution,

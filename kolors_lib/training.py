@@ -14,7 +14,7 @@ import csv
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -519,44 +519,3 @@ def _fit(cfg: Config, plan: Plan, module: KolorsLoraModule, report: CacheReport,
         run.close()
 
 
-# --------------------------------------------------------------------------- estimate
-
-
-# Real Kwai-Kolors sizes (parameters), measured with diffsynth 1.1.9
-REAL_PARAMS = {"unet": 2_579_000_000, "text_encoder": 6_244_000_000, "vae_encoder": 34_000_000,
-               "vae_decoder": 49_000_000}
-
-
-def lora_param_count(rank: int, target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out")) -> int:
-    """LoRA parameters on the real Kolors UNet: rank*(in+out) per targeted Linear (meta device, no memory)."""
-    patch_torchvision()
-    from diffsynth.models.sdxl_unet import SDXLUNet
-
-    with torch.device("meta"):
-        unet = SDXLUNet(is_kolors=True)
-    return sum(rank * (m.in_features + m.out_features) for name, m in unet.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in target_modules)
-
-
-def estimate(cfg: Config) -> dict[str, float]:
-    """Rough GPU memory (GiB) and relative time for cfg's training, from parameter counts.
-
-    Memory: frozen UNet weights in the training dtype, LoRA weights + grads + AdamW moments in
-    fp32, and activations scaled from the published ~22 GB at 1024², batch 1, 16-mixed with
-    gradient checkpointing (about 15 GiB of it activations; ~3x more without checkpointing).
-    ChatGLM and the VAE encoder are not resident during steps thanks to the cache.
-    """
-    gib = 1024 ** 3
-    bytes_w = 4 if "32" in str(cfg.train.precision) else 2
-    lora = lora_param_count(cfg.lora.rank, cfg.lora.target_modules)
-    weights = REAL_PARAMS["unet"] * bytes_w / gib
-    lora_mem = lora * 16 / gib  # fp32 weight + grad + 2 AdamW moments
-    pixels = (cfg.resolution / 1024) ** 2 * cfg.train.batch_size
-    act = 15.0 * pixels * (1 if cfg.train.gradient_checkpointing else 3) * (2 if bytes_w == 4 else 1)
-    cache_text = REAL_PARAMS["text_encoder"] * bytes_w / gib
-    return {"lora_params": float(lora), "unet_weights_gib": round(weights, 2),
-            "lora_train_state_gib": round(lora_mem, 3),
-            "activations_gib": round(act, 2), "train_total_gib": round(weights + lora_mem + act + 1.0, 1),
-            "cache_phase_gib": round(cache_text + REAL_PARAMS["vae_encoder"] * bytes_w / gib + 1.0, 1),
-            "stock_trainer_total_gib": round(weights + lora_mem + act + cache_text + 1.2, 1),
-            "relative_step_time": round(pixels * (1.3 if cfg.train.gradient_checkpointing else 1.0), 3)}

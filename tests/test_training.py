@@ -22,7 +22,6 @@ from kolors_lib.training import (
     L,  # lightning, imported there after the torchvision patch
     NonFiniteLossError,
     TrainResult,
-    estimate,
     inject_lora,
     train_lora,
 )
@@ -333,15 +332,6 @@ def test_main_train_cli(cfg: Config, capsys: pytest.CaptureFixture[str], tmp_pat
         meta = f.metadata()
     assert (meta["rank"], meta["alpha"], meta["batch_size"], meta["seed"]) == ("4", "2.0", "2", "1")
     assert cli_main(["train", "--workdir", str(tmp_path / "empty"), "--profile", "tiny"]) == 2  # no data yet
-
-
-def test_estimate_full_profile() -> None:
-    full = load_config(profile="full")
-    est = estimate(full)
-    assert 5e6 < est["lora_params"] < 1e8
-    assert est["stock_trainer_total_gib"] > est["train_total_gib"] > est["unet_weights_gib"] > 4
-    smaller = dataclasses.replace(full, resolution=512)
-    assert estimate(smaller)["activations_gib"] < est["activations_gib"]
 
 
 @pytest.mark.slow
