@@ -37,6 +37,9 @@ def rehearsal_config(models: Path, resolution: int, steps: int, gen_steps: int) 
                    "vae_fp16_fix": {"local_dir": str(models / "sdxl-vae-fp16-fix")},
                    "aesthetic": {"local_dir": str(models / "aesthetics-predictor")}},
         "data": {"source": "sample"},
+        # random weights: the real-size aesthetic predictor scores ~0 (a 0-10 threshold would drop every
+        # image), and no real-size Qwen2-VL is written (captioning is exercised on tiny): keep captions
+        "filter": {"aesthetic_min_score": -10.0, "caption_mode": "keep"},
         # bf16 weights on the CPU (fp16-mixed keeps fp32 weights there: 23 GiB for ChatGLM)
         "train": {"steps": steps, "precision": "bf16-mixed", "save_every": steps, "validate_every": 0},
         "generate": {"steps": gen_steps, "width": resolution, "height": resolution},
