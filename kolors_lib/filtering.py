@@ -188,8 +188,11 @@ def resolve_recipe(
     """Fill in the paths, process count and executor settings this step owns."""
     out = dict(recipe)
     run_dir = dj_dir / executor
+    # a `dataset` config, not `dataset_path`: Data-Juicer splits dataset_path on whitespace
+    # (weights and several paths), so a work dir under "My Projects/" would not load
+    out.pop("dataset_path", None)
     out.update(
-        dataset_path=str(dj_dir / "input.jsonl"),
+        dataset={"configs": [{"type": "local", "path": str(dj_dir / "input.jsonl")}]},
         work_dir=str(run_dir),
         np=int(num_proc),
         # attribution reads every removed row from the traces, so trace all of them
