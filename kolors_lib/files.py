@@ -72,15 +72,47 @@ def write_json(data: Any, path: str | Path) -> Path:
     return write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
-def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write tensors (moved to CPU, contiguous) as .safetensors atomically."""
-    from safetensors.torch import save_file
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-    # clone: safetensors refuses tensors that share storage (views of one buffer)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata=dict(metadata) if metadata else None)
-    return Path(path)
+
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The .safetensors bytes of `tensors`, the same for the same input (keys and metadata sorted).
+
+    safetensors' own writer orders metadata keys by a randomly seeded hash map, so identical runs
+    gave different files (and a different sha256, which step 06 checks).
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        blob = t.reshape(-1).view(_uint8()).numpy().tobytes() if t.numel() else b""
+        dtype = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"cannot write tensor {name!r} of dtype {t.dtype} as safetensors")
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
+def _uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors as .safetensors atomically; a file already holding the same bytes is left untouched."""
+    data = safetensors_bytes(tensors, metadata)
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return path  # a no-op re-run keeps the file (and its mtime) as it was
+    return write_bytes(path, data)
 
 
 def save_torch(state: Any, path: str | Path) -> Path:
