@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from kolors_lib.checks import check_config
 from kolors_lib.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -362,7 +363,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | None) -> Config:
     """A copy of a loaded `cfg` with overrides, by the same rules as load_config (None values are skipped)."""
     cfg = copy.deepcopy(cfg)
     _set_fields(cfg, nest_overrides({k: v for k, v in (overrides or {}).items() if v is not None}))
-    return cfg
+    return check_config(cfg)
 
 
 def _set_fields(obj: Any, values: dict[str, Any]) -> None:
@@ -435,10 +436,13 @@ def _from_dict(
     gen = _build(GenerateConfig, data.pop("generate", {}) or {}, f"{where}: generate")
     gen.story = _path(gen.story, base, wd) or GenerateConfig().story
     score = _build(ScoreConfig, data.pop("score", {}) or {}, f"{where}: score")
-    return _build(
+    try:
+        return check_config(_build(
         Config,
         {**data, "profile": profile, "workdir": wd, "source_file": source.resolve(),
          "models": ModelsConfig(cache_dir=cache, **sources), "data": data_cfg, "filter": filt,
          "lora": lora, "train": train, "generate": gen, "score": score},
         where,
-    )
+        ))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None

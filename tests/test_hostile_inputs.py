@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
-from kolors_lib.config import load_config
+import pytest
+
+from kolors_lib.config import Config, load_config
+from kolors_lib.errors import ConfigError
+from kolors_lib.files import sha256_file
 from kolors_lib.filtering import filter_dataset
+from kolors_lib.training import train_lora
+from tests import test_training
 from tests.test_filtering import SPECS, configure, make_raw
+from tests.test_training import FAST, _cfg_in
+
+ROOT = Path(__file__).resolve().parents[1]
+base_cfg = test_training.base_cfg  # the tiny models, written once per module
+
+
+def _cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """`python -m kolors_lib ARGS` in a fresh process (this worktree's package first)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "kolors_lib", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600, **kwargs)
 
 # ---------------------------------------------------------------- 1: a space in the work dir
 
@@ -20,3 +41,58 @@ def test_filter_runs_under_a_path_with_a_space(tmp_path: Path) -> None:
     assert (cfg.train_dir / "metadata.csv").is_file()
     report = json.loads((cfg.clean_dir / "report.json").read_text(encoding="utf-8"))
     assert report["kept"] == 2
+
+
+# ---------------------------------------------------------------- 3, 4: training runs
+
+
+def test_identical_runs_give_identical_lora_bytes_and_a_noop_rerun_keeps_the_file(
+        base_cfg: Config, tmp_path: Path) -> None:
+    a = train_lora(_cfg_in(base_cfg, tmp_path / "a"), steps=2, **FAST)
+    b = train_lora(_cfg_in(base_cfg, tmp_path / "b"), steps=2, **FAST)
+    assert sha256_file(a.lora_path) == sha256_file(b.lora_path)
+    before = (a.lora_path.stat().st_mtime_ns, sha256_file(a.lora_path))
+    again = train_lora(_cfg_in(base_cfg, tmp_path / "a"), steps=2, **FAST)
+    assert again.resumed_from == 2
+    assert (again.lora_path.stat().st_mtime_ns, sha256_file(again.lora_path)) == before
+
+
+@pytest.mark.parametrize(("override", "value", "match"), [
+    ("steps", 0, r"train\.steps must be an integer >= 1, not 0"),
+    ("steps", -3, r"train\.steps must be an integer >= 1, not -3"),
+    ("grad_accum", 0, r"train\.grad_accum must be an integer >= 1"),
+    ("rank", 0, r"lora\.rank must be an integer >= 1"),
+    ("batch_size", 0, r"train\.batch_size must be an integer >= 1"),
+    ("resolution", 63, r"resolution must be a multiple of 64"),
+    ("lr", float("nan"), r"train\.learning_rate must be a finite number > 0, not nan"),
+    ("alpha", float("inf"), r"lora\.alpha must be a finite number > 0"),
+])
+def test_bad_train_arguments_fail_before_any_work(tiny_cfg: Config, override: str, value: Any, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        train_lora(tiny_cfg, **{override: value})
+    assert not tiny_cfg.lora_dir.exists()
+
+
+def test_bad_train_argument_is_one_line_on_the_command_line(tmp_path: Path) -> None:
+    proc = _cli("train", "--profile", "tiny", "--workdir", str(tmp_path / "w"), "--lr", "nan")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: train.learning_rate must be a finite number > 0, not nan"]
+
+
+def test_bad_value_in_a_config_file_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "my.yaml"
+    config.write_text("train:\n  grad_accum: 0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"my\.yaml: train\.grad_accum must be an integer >= 1, not 0"):
+        load_config(config, profile="tiny")
+
+
+def test_fewer_steps_than_the_checkpoints_hold_trains_anew(base_cfg: Config, tmp_path: Path) -> None:
+    fresh = train_lora(_cfg_in(base_cfg, tmp_path / "fresh"), steps=4, **FAST)
+    cfg = _cfg_in(base_cfg, tmp_path / "w")
+    train_lora(cfg, steps=8, **FAST)
+    with pytest.warns(UserWarning, match="past the 4 steps"):
+        short = train_lora(cfg, steps=4, **FAST)
+    assert short.resumed_from == 0 and [s for s, _ in short.losses] == [1, 2, 3, 4]
+    assert sha256_file(short.lora_path) == sha256_file(fresh.lora_path)
+    aside = cfg.lora_dir / "checkpoints.set-aside-1"
+    assert [p.name for p in sorted(aside.glob("step-*.pt"))] == ["step-0000006.pt", "step-0000008.pt"]
