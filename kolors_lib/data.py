@@ -21,7 +21,7 @@ from kolors_lib.config import Config
 from kolors_lib.errors import DataError
 from kolors_lib.files import staged_folder, write_json
 from kolors_lib.hub import hub_endpoint, hub_reachable
-from kolors_lib.sources import IMAGE_EXTS, METADATA_NAME, SourceItem, folder_items, is_inside
+from kolors_lib.sources import IMAGE_EXTS, METADATA_NAME, SourceItem, folder_items, is_inside, read_limited
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -185,7 +185,7 @@ def _import_one(item: SourceItem, dest_dir: Path, stem: str, max_pixels: int) ->
     data: bytes | None = None
     eight_bit = False
     if item.path is not None:
-        data = item.path.read_bytes()
+        data = read_limited(item.path)
         img, eight_bit = _open(data, max_pixels)
     elif isinstance(item.obj, (bytes, bytearray)):
         data = bytes(item.obj)

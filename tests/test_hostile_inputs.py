@@ -28,7 +28,7 @@ def _cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """`python -m kolors_lib ARGS` in a fresh process (this worktree's package first)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "kolors_lib", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600, **kwargs)
+                          env=env, cwd=ROOT, **{"timeout": 600, **kwargs})
 
 # ---------------------------------------------------------------- 1: a space in the work dir
 
@@ -96,3 +96,37 @@ def test_fewer_steps_than_the_checkpoints_hold_trains_anew(base_cfg: Config, tmp
     assert sha256_file(short.lora_path) == sha256_file(fresh.lora_path)
     aside = cfg.lora_dir / "checkpoints.set-aside-1"
     assert [p.name for p in sorted(aside.glob("step-*.pt"))] == ["step-0000006.pt", "step-0000008.pt"]
+
+
+# ---------------------------------------------------------------- 7, 8: odd names and special files
+
+
+def _png(path: Path, seed: int = 0) -> None:
+    from tests.test_filtering import noisy_image
+
+    noisy_image(64, 64, seed).save(path)
+
+
+def test_import_skips_odd_names_special_files_and_outside_links(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "good.png")
+    _png(src / "other.png", 1)
+    bad_name = os.path.join(os.fsencode(src), b"\xff\xfe.png")
+    with open(bad_name, "wb") as f:
+        f.write((src / "other.png").read_bytes())
+    os.mkfifo(src / "pipe.png")
+    (src / "zero.png").symlink_to("/dev/zero")
+    (src / "passwd.png").symlink_to("/etc/passwd")
+    (src / "inside.png").symlink_to(src / "good.png")
+    work = tmp_path / "w"
+    proc = _cli("data", "import", str(src), "--profile", "tiny", "--workdir", str(work), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((work / "data/raw/import_report.json").read_text(encoding="utf-8"))
+    reasons = {row["source"]: row["reason"] for row in report["skipped"]}
+    assert report["imported"] == 3  # good, other, and the link that stays inside the folder
+    assert "not valid UTF-8" in reasons["\\xff\\xfe.png"]
+    assert "not a regular file" in reasons["pipe.png"]
+    assert "outside the source folder" in reasons["zero.png"]
+    assert "outside the source folder" in reasons["passwd.png"]
+    assert sorted(p.name for p in (work / "data").iterdir()) == ["raw"]  # no .raw.tmp-* left behind
