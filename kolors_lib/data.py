@@ -21,6 +21,7 @@ from kolors_lib.config import Config
 from kolors_lib.errors import DataError
 from kolors_lib.files import staged_folder, write_json
 from kolors_lib.hub import hub_endpoint, hub_reachable
+from kolors_lib.lock import one_writer
 from kolors_lib.sources import IMAGE_EXTS, METADATA_NAME, SourceItem, folder_items, is_inside, read_limited
 
 if TYPE_CHECKING:
@@ -389,6 +390,7 @@ def import_modelscope(cfg: Config) -> ImportResult:
         raise _hub_error(cfg, err, offline=False) from None
 
 
+@one_writer("import")
 def import_dataset(cfg: Config, source: str | Path | None = None) -> ImportResult:
     """Step 01: import `source` (default cfg.data.source) into cfg.raw_dir: images/, metadata.jsonl."""
     source = cfg.data.source if source is None else source

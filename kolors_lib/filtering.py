@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from kolors_lib.config import Config
 from kolors_lib.errors import FilterError
 from kolors_lib.files import staged_folder, write_json, write_text
+from kolors_lib.lock import one_writer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -408,6 +409,7 @@ def write_report(clean_dir: Path, report: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- the step
 
 
+@one_writer("filter")
 def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None = None) -> FilterResult:
     """Step 02: run the Data-Juicer recipe on `cfg.raw_dir` and write the training folder and report."""
     executor = executor or cfg.filter.executor or "default"

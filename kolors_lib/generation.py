@@ -38,6 +38,7 @@ from kolors_lib.config import GRID_FILE, LORA_FILE, MANIFEST_FILE, Config, panel
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import LoraNotFoundError, MissingInputError, StoryError
 from kolors_lib.files import atomic_path, sha256_file, write_json
+from kolors_lib.lock import one_writer
 from kolors_lib.story import (
     SIZE_MULTIPLE,
     RenderSettings,
@@ -479,6 +480,7 @@ def _storyboard_manifest(cfg: Config, story: Story, settings: RenderSettings, lo
     }
 
 
+@one_writer("storyboard")
 def render_storyboard(cfg: Config, story_path: str | Path | None = None, strength: float | None = None,
                       lora_path: str | Path | None = None, progress: bool = True) -> StoryboardResult:
     """Render the story's 8 panels with Kolors + LoRA; write panels, storyboard.png and manifest.json."""

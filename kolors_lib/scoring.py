@@ -32,6 +32,7 @@ from kolors_lib.config import SCORES_CSV, SCORES_JSON, Config
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import ScoreError
 from kolors_lib.files import write_json, write_text
+from kolors_lib.lock import one_writer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -281,6 +282,7 @@ def _consistency(embeds: dict[str, Any]) -> tuple[float | None, dict[str, float]
 # ---------------------------------------------------------------- scoring
 
 
+@one_writer("score")
 def score_folder(
     cfg: Config,
     folder: str | Path | None = None,

@@ -34,6 +34,7 @@ from kolors_lib.encode_cache import (
 )
 from kolors_lib.errors import NonFiniteLossError, TrainingError
 from kolors_lib.files import atomic_path, move_aside, save_safetensors, save_torch
+from kolors_lib.lock import one_writer
 from kolors_lib.pictures import side_by_side
 
 patch_torchvision()  # lightning imports torchvision (via torchmetrics); must come first
@@ -462,6 +463,7 @@ def _world_size(devices: Any, accelerator: str) -> int:
     return 1 if accelerator in ("cpu", "auto") or not torch.cuda.is_available() else torch.cuda.device_count()
 
 
+@one_writer("train")
 def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callback] = (),
                **overrides: Any) -> TrainResult:
     """Cache encodings, train the LoRA with Lightning, checkpoint/resume, write kolors_lora.safetensors."""

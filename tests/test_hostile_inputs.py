@@ -130,3 +130,28 @@ def test_import_skips_odd_names_special_files_and_outside_links(tmp_path: Path) 
     assert "outside the source folder" in reasons["zero.png"]
     assert "outside the source folder" in reasons["passwd.png"]
     assert sorted(p.name for p in (work / "data").iterdir()) == ["raw"]  # no .raw.tmp-* left behind
+
+
+# ---------------------------------------------------------------- 2: one writer per step
+
+
+def test_second_train_in_the_same_work_dir_is_refused_naming_the_first(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom kolors_lib.lock import step_lock\n"
+         f"with step_lock({str(work)!r}, 'train'):\n    print('ready', flush=True)\n    time.sleep(120)\n",
+         "train", "--steps", "8"], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        proc = _cli("train", "--profile", "tiny", "--workdir", str(work), "--steps", "2")
+        assert proc.returncode == 2
+        line, = proc.stderr.strip().splitlines()
+        assert line.startswith("error: another train is running in") and f"pid {holder.pid}:" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock is stale and the next run takes it over (then fails for lack of data)
+    proc = _cli("train", "--profile", "tiny", "--workdir", str(work), "--steps", "2")
+    assert proc.returncode == 2 and "another train" not in proc.stderr, proc.stderr
+    assert not (work / ".lock-train").exists()
