@@ -186,7 +186,10 @@ def _import_one(item: SourceItem, dest_dir: Path, stem: str, max_pixels: int) ->
     data: bytes | None = None
     eight_bit = False
     if item.path is not None:
-        data = read_limited(item.path)
+        try:
+            data = read_limited(item.path)
+        except OSError as err:  # a read problem skips this file; a write problem (full disk) stops the step
+            raise _Skip(f"cannot read file: {err.strerror or err}") from None
         img, eight_bit = _open(data, max_pixels)
     elif isinstance(item.obj, (bytes, bytearray)):
         data = bytes(item.obj)
@@ -312,9 +315,6 @@ def _import_rows(items: Iterable[SourceItem], cfg: Config, dest: Path, skipped: 
                 rel, width, height, notes = _import_one(item, dest, stem, cfg.data.max_pixels)
             except _Skip as why:
                 skipped.append({"source": item.source, "reason": str(why)})
-                continue
-            except OSError as err:
-                skipped.append({"source": item.source, "reason": f"cannot read file: {err}"})
                 continue
             warns.extend(item.notes)
             warns.extend({"source": item.source, "message": n} for n in notes)

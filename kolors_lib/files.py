@@ -34,6 +34,13 @@ def folder_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def named(err: BaseException, path: str | Path) -> BaseException:
+    """`err`, or for an OS error that names no file (a write hitting a full disk) the same error naming `path`."""
+    if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+        return type(err)(err.errno, err.strerror, str(path))
+    return err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed.
@@ -48,9 +55,12 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        renamed = named(err, path)
+        if renamed is err:
+            raise
+        raise renamed from err
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -159,9 +169,12 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
         yield stage
         stage.chmod(folder_mode())  # mkdtemp makes it 0700
         swap_folder(stage, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(stage, ignore_errors=True)
-        raise
+        renamed = named(err, target)
+        if renamed is err:
+            raise
+        raise renamed from err
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

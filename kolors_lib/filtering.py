@@ -453,8 +453,10 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
         "removed": removed,
         "skipped": skipped,
     }
+    # the training folder first: a write that fails (full disk) then leaves the previous report and set as a pair
+    train_dir = write_train_dir(cfg, [by_id[i] for i in kept_ids]) if kept_ids else None
     report_path = write_report(cfg.clean_dir, report)
-    if not kept_ids:
+    if train_dir is None:
         # a stale training set from an earlier run must not survive a run that keeps nothing
         if cfg.train_dir.exists():
             shutil.rmtree(cfg.train_dir)
@@ -463,7 +465,6 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
             f"nothing left after filtering {report['input']} images ({counts}; {len(skipped)} unreadable): "
             f"relax the recipe {recipe_path} or import more images (report: {report_path})"
         )
-    train_dir = write_train_dir(cfg, [by_id[i] for i in kept_ids])
     return FilterResult(train_dir=train_dir, kept=len(kept_ids), removed=removed, ops=ops,
                         report_path=report_path, executor=executor, input=report["input"],
                         skipped=skipped, raw_dir=cfg.raw_dir)

@@ -155,3 +155,51 @@ def test_second_train_in_the_same_work_dir_is_refused_naming_the_first(tmp_path:
     proc = _cli("train", "--profile", "tiny", "--workdir", str(work), "--steps", "2")
     assert proc.returncode == 2 and "another train" not in proc.stderr, proc.stderr
     assert not (work / ".lock-train").exists()
+
+
+# ---------------------------------------------------------------- 5: full and read-only disks
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A real 256 KiB tmpfs (needs root), unmounted after the test."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_full_or_read_only_work_dir_is_one_line_and_keeps_the_previous_import(
+        small_disk: Path, tmp_path: Path) -> None:
+    from tests.test_filtering import noisy_image
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir()
+    big.mkdir()
+    _png(small / "a.png")
+    for i in range(6):
+        noisy_image(256, 256, i).save(big / f"{i}.png")
+    work = small_disk / "w"
+    assert _cli("data", "import", str(small), "--profile", "tiny", "--workdir", str(work)).returncode == 0
+    before = _tree(work / "data/raw")
+
+    full = _cli("data", "import", str(big), "--profile", "tiny", "--workdir", str(work))
+    assert full.returncode == 2
+    line, = full.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"error: {work}") and "No space left on device" in line, full.stderr
+    assert "Traceback" not in full.stderr
+    assert sorted(p.name for p in (work / "data").iterdir()) == ["raw"]  # no partial .raw.tmp-* folder
+    assert _tree(work / "data/raw") == before
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    ro = _cli("data", "import", str(small), "--profile", "tiny", "--workdir", str(work))
+    assert ro.returncode == 2 and "Traceback" not in ro.stderr, ro.stderr
+    assert "Read-only file system" in ro.stderr and str(work) in ro.stderr
+    assert _tree(work / "data/raw") == before
