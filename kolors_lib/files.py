@@ -79,7 +79,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(data: Any, path: str | Path) -> Path:
     """Write JSON (UTF-8, Chinese kept readable, indent 2, final newline) atomically."""
-    return write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    # allow_nan=False: NaN is not JSON; a value that slipped through must fail here, not in a reader
+    return write_text(path, json.dumps(data, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
 
 
 _ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",

@@ -25,6 +25,7 @@ import contextlib
 import gc
 import io
 import json
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kolors_lib.checks import finite
 from kolors_lib.config import GRID_FILE, LORA_FILE, MANIFEST_FILE, Config, panel_file
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import LoraNotFoundError, MissingInputError, StoryError
@@ -121,6 +123,15 @@ def check_lora_against(root: Path, lora: LoraSpec) -> None:
     from kolors_lib.models import KolorsPaths, unet_skeleton
 
     check_lora_fits(unet_skeleton(KolorsPaths.from_root(root).unet), lora.pairs)
+
+
+def checked_strength(value: Any) -> float:
+    """A LoRA strength: finite (NaN would render black panels); a negative one works but gets a notice."""
+    strength = finite(value, "strength")
+    if strength < 0:
+        print(f"NOTICE: strength {strength:g} is negative: the LoRA's style is subtracted, not added",
+              file=sys.stderr)
+    return strength
 
 
 class LoraMerger:
@@ -489,7 +500,7 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     start = time.monotonic()
     story = load_story(story_path or cfg.generate.story)  # before any model is loaded
     settings = render_settings(cfg, story)
-    strength = float(cfg.generate.strength if strength is None else strength)
+    strength = checked_strength(cfg.generate.strength if strength is None else strength)
     prompts = [with_trigger(s.prompt, trigger_word(cfg)) for s in story.scenes]
     out = cfg.storyboard_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -556,7 +567,7 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
     if not 0 <= scene_index < len(story.scenes):
         raise StoryError(f"{story.path}: scene index {scene_index} out of range 0..{len(story.scenes) - 1}")
     settings = render_settings(cfg, story)
-    strengths = [float(s) for s in (cfg.generate.sweep_strengths if strengths is None else strengths)]
+    strengths = [finite(s, "strength") for s in (cfg.generate.sweep_strengths if strengths is None else strengths)]
     if not strengths:
         raise ValueError("strength_sweep needs at least one strength")
     scene = story.scenes[scene_index]
@@ -615,7 +626,7 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
         img = img.resize((width, height), Image.Resampling.LANCZOS)
     prompt = with_trigger(prompt.strip(), trigger_word(cfg))
     negative = settings.negative if negative is None else negative
-    strength = float(cfg.generate.strength if strength is None else strength)
+    strength = checked_strength(cfg.generate.strength if strength is None else strength)
     lora, renderer = prepare_renderer(cfg, lora_path, [prompt], [negative])
     LoraMerger(renderer.unet, lora).set(strength)
     result = renderer.render(prompt, negative, cfg.seed if seed is None else seed, steps or settings.steps,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,105 @@ def test_full_or_read_only_work_dir_is_one_line_and_keeps_the_previous_import(
     assert ro.returncode == 2 and "Traceback" not in ro.stderr, ro.stderr
     assert "Read-only file system" in ro.stderr and str(work) in ro.stderr
     assert _tree(work / "data/raw") == before
+
+
+# ---------------------------------------------------------------- 6, 10: NaN and malformed LoRA files
+
+MODULE = "blocks.7.transformer_blocks.0.attn1.to_q"
+KOHYA = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def _lora(path: Path, tensors: dict[str, Any] | None = None, **meta: str) -> Path:
+    """A one-module DiffSynth LoRA file with the given metadata (raw strings, as any tool could write)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = tensors or {f"{MODULE}.lora_A.default.weight": torch.randn(4, 64),
+                          f"{MODULE}.lora_B.default.weight": torch.randn(64, 4)}
+    save_file(tensors, str(path), metadata={"rank": "4", "alpha": "2.0", **meta})
+    return path
+
+
+def _export(capsys: pytest.CaptureFixture[str], src: Path, *extra: str) -> tuple[int, str]:
+    from kolors_lib.cli import main as cli_main
+
+    code = cli_main(["export-lora", str(src), "--format", "kohya", str(src.with_name("out.safetensors")), *extra])
+    return code, capsys.readouterr().err.strip()
+
+
+def _tensors(a: Any, b: Any, alpha: Any = None) -> dict[str, Any]:
+    out = {f"{KOHYA}.lora_down.weight": a, f"{KOHYA}.lora_up.weight": b}
+    return out if alpha is None else {**out, f"{KOHYA}.alpha": alpha}
+
+
+@pytest.mark.parametrize(("case", "match"), [
+    ({"alpha": "abc"}, "metadata alpha must be a finite number > 0, not 'abc'"),
+    ({"alpha": "nan"}, "metadata alpha must be a finite number > 0, not 'nan'"),
+    ({"rank": "x"}, "metadata rank must be a whole number > 0, not 'x'"),
+    ({"kolors_lib.json_keys": "[broken"}, "metadata is broken"),
+    ("--alpha 0", "--alpha must be a finite number > 0, not 0.0"),
+    ("--alpha nan", "--alpha must be a finite number > 0, not nan"),
+    ("nan tensors", "NaN or infinite"),
+    ("kohya vector alpha", r"alpha must be one number, not a tensor of shape \(2,\)"),
+    ("scalar tensor", "not a .*pair of one rank"),
+    ("wrong shapes", "not a .*pair of one rank"),
+])
+def test_malformed_lora_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       case: Any, match: str) -> None:
+    import torch
+
+    extra: list[str] = []
+    src = tmp_path / "in.safetensors"
+    if isinstance(case, dict):
+        _lora(src, **case)
+    elif case.startswith("--alpha"):
+        extra = case.split()
+        _lora(src, tensors={f"{KOHYA}.lora_down.weight": torch.randn(4, 64),
+                            f"{KOHYA}.lora_up.weight": torch.randn(64, 4)})
+    elif case == "nan tensors":
+        _lora(src, {f"{MODULE}.lora_A.default.weight": torch.full((4, 64), float("nan")),
+                    f"{MODULE}.lora_B.default.weight": torch.randn(64, 4)})
+    elif case == "kohya vector alpha":
+        _lora(src, _tensors(torch.randn(4, 64), torch.randn(64, 4), torch.tensor([1.0, 2.0])))
+    elif case == "scalar tensor":
+        _lora(src, _tensors(torch.tensor(1.0), torch.randn(64, 4)))
+    else:
+        _lora(src, _tensors(torch.randn(4, 64), torch.randn(64, 3)))
+    code, err = _export(capsys, src, *extra)
+    assert code == 2
+    line, = err.splitlines()
+    assert line.startswith("error: ") and re.search(match, line), line
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_nan_lora_is_refused_where_step_04_reads_it(tmp_path: Path) -> None:
+    import torch
+
+    from kolors_lib.errors import LoraFormatError
+    from kolors_lib.export import read_lora_spec
+
+    src = _lora(tmp_path / "nan.safetensors", {f"{MODULE}.lora_A.default.weight": torch.randn(4, 64),
+                                               f"{MODULE}.lora_B.default.weight": torch.full((64, 4), float("inf"))})
+    with pytest.raises(LoraFormatError, match=r"nan\.safetensors: .*NaN or infinite"):
+        read_lora_spec(src)
+    with pytest.raises(LoraFormatError, match="metadata alpha must be a finite number > 0, not 'nan'"):
+        read_lora_spec(_lora(tmp_path / "a.safetensors", alpha="nan"))
+
+
+def test_nan_strength_is_refused_before_any_model_loads(tiny_cfg: Config,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from kolors_lib.generation import checked_strength, render_storyboard
+
+    with pytest.raises(ConfigError, match="strength must be a finite number, not nan"):
+        render_storyboard(tiny_cfg, strength=float("nan"))
+    assert not tiny_cfg.models_dir.exists()
+    assert checked_strength(-0.5) == -0.5
+    assert "strength -0.5 is negative" in capsys.readouterr().err
+
+
+def test_json_outputs_refuse_nan(tmp_path: Path) -> None:
+    from kolors_lib.files import write_json
+
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_json({"strength": float("nan")}, tmp_path / "manifest.json")
+    assert not list(tmp_path.iterdir())
