@@ -109,6 +109,22 @@ def build_caption(text: str, trigger_word: str, add_tags: list[str], remove_tags
     return ", ".join([trigger, *tags] if trigger else tags)
 
 
+def csv_safe_caption(caption: str, default: str, item_id: str) -> str:
+    """`caption`, unless DiffSynth's pandas loader would read it back as missing (NaN): then `default`.
+
+    pandas turns the text `NA`, `null`, `None`, `nan` (quoted or not) and an empty field into NaN, which
+    DiffSynth's trainer would then feed to the tokenizer as a float.
+    """
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    if caption not in STR_NA_VALUES:
+        return caption
+    if default.strip() and default.strip() not in STR_NA_VALUES:
+        return default.strip()
+    raise FilterError(f"image {item_id}: caption {caption!r} would be read as missing (NaN) by DiffSynth's "
+                      "metadata.csv loader: set filter.trigger_word or data.default_caption to a real caption")
+
+
 # ---------------------------------------------------------------- raw input
 
 
@@ -393,7 +409,8 @@ def write_train_dir(cfg: Config, kept: list[RawItem]) -> Path:
             names.add(name)
             shutil.copy2(it.path, tmp / name)
             f = cfg.filter
-            rows.append([name, build_caption(it.text, f.trigger_word, f.add_tags, f.remove_tags)])
+            rows.append([name, csv_safe_caption(build_caption(it.text, f.trigger_word, f.add_tags, f.remove_tags),
+                                                cfg.data.default_caption, it.id)])
         (tmp / "metadata.csv").write_text(_csv_text(["file_name", "text"], rows), encoding="utf-8", newline="")
     return cfg.train_dir
 

@@ -306,3 +306,29 @@ def test_json_outputs_refuse_nan(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not JSON compliant"):
         write_json({"strength": float("nan")}, tmp_path / "manifest.json")
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- 12: captions pandas reads as NaN
+
+
+def test_metadata_csv_captions_round_trip_as_text_through_pandas(tiny_cfg: Config) -> None:
+    import pandas as pd
+
+    from kolors_lib.errors import FilterError
+    from kolors_lib.filtering import RawItem, write_train_dir
+
+    (tiny_cfg.raw_dir / "images").mkdir(parents=True)
+    items = []
+    for i, text in enumerate(["NA", "null", "a cat"]):
+        path = tiny_cfg.raw_dir / "images" / f"{i}.png"
+        _png(path, i)
+        items.append(RawItem(id=str(i), image=f"images/{i}.png", path=path, text=text, source=f"s{i}", line=i + 1))
+    tiny_cfg.filter.trigger_word = ""
+    tiny_cfg.data.default_caption = "二次元"
+    write_train_dir(tiny_cfg, items)
+    # exactly how DiffSynth 1.1.9's text_to_image dataset reads it
+    texts = pd.read_csv(tiny_cfg.train_dir / "metadata.csv")["text"].to_list()
+    assert texts == ["二次元", "二次元", "a cat"]
+    tiny_cfg.data.default_caption = ""
+    with pytest.raises(FilterError, match="image 0: caption 'NA' would be read as missing"):
+        write_train_dir(tiny_cfg, items)
