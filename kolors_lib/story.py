@@ -60,6 +60,8 @@ def load_story(path: str | Path) -> Story:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StoryError(f"story file not found: {path}") from None
+    except IsADirectoryError:
+        raise StoryError(f"{path} is a folder: pass a story YAML file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise StoryError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -332,3 +332,23 @@ def test_metadata_csv_captions_round_trip_as_text_through_pandas(tiny_cfg: Confi
     tiny_cfg.data.default_caption = ""
     with pytest.raises(FilterError, match="image 0: caption 'NA' would be read as missing"):
         write_train_dir(tiny_cfg, items)
+
+
+# ---------------------------------------------------------------- 11: folders and binary files as inputs
+
+
+@pytest.mark.parametrize("kind", ["story dir", "config dir", "binary config"])
+def test_folder_or_binary_file_as_story_or_config_is_one_line(tmp_path: Path, kind: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from kolors_lib.cli import main as cli_main
+
+    binary = tmp_path / "x.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    args = {"story dir": ["--story", str(tmp_path)], "config dir": ["--config", str(tmp_path)],
+            "binary config": ["--config", str(binary)]}[kind]
+    code = cli_main(["storyboard", "--profile", "tiny", "--workdir", str(tmp_path / "w"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    line, = err.splitlines()
+    assert line.startswith("error: ") and ("is a folder" in line or "not a text file" in line
+                                           or "not valid YAML" in line), line
