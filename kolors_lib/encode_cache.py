@@ -23,7 +23,7 @@ import torch
 from kolors_lib.config import Config
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import TrainingError
-from kolors_lib.files import save_safetensors, write_text
+from kolors_lib.files import recover_folder, save_safetensors, write_text
 
 CACHE_VERSION = "1"
 
@@ -91,7 +91,7 @@ class Sample:
 
 def read_metadata(train_dir: Path) -> list[Sample]:
     """Rows of DiffSynth's train/metadata.csv (file_name,text)."""
-    meta = Path(train_dir) / "metadata.csv"
+    meta = recover_folder(train_dir) / "metadata.csv"  # a swap killed half-way is undone first
     if not meta.is_file():
         raise TrainingError(f"{meta} not found: run step 02 (data filter) first")
     with open(meta, newline="", encoding="utf-8") as f:

@@ -7,6 +7,7 @@ file or folder where a later step (or a learner) would read it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -135,15 +136,56 @@ def save_torch(state: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftover_owner(name: str, prefix: str) -> int | None:
+    """The PID in a `.<name>.tmp-<pid>-xxxx` / `.<name>.old-<pid>-xxxx` folder name (None: no PID, an older run)."""
+    head = name[len(prefix):].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def recover_folder(target: str | Path) -> Path:
+    """Undo what a killed swap left beside `target`: put a lone `.old` back, remove stale `.tmp`/`.old` folders.
+
+    A kill between swap_folder's two renames leaves `target` missing and the previous folder under
+    `.<name>.old-<pid>-*`; folders of processes still running are left alone.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return target
+    for kind in ("old", "tmp"):
+        prefix = f".{target.name}.{kind}-"
+        for leftover in sorted(target.parent.glob(f"{glob.escape(prefix)}*")):
+            owner = _leftover_owner(leftover.name, prefix)
+            if owner is not None and owner != os.getpid() and _pid_alive(owner):
+                continue
+            if kind == "old" and not (target.exists() or target.is_symlink()):
+                os.replace(leftover, target)  # the swap was killed after moving the old folder aside
+            elif leftover.is_symlink() or leftover.is_file():
+                leftover.unlink()
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+    return target
+
+
 def swap_folder(new: str | Path, target: str | Path) -> Path:
     """Put the finished folder `new` in place of `target` with renames; the old one is removed after.
 
-    Readers never see a half-written `target`; if the second rename fails the old folder is put back.
+    Readers never see a half-written `target`; if the second rename fails the old folder is put back, and
+    if the process is killed between the renames, the next `recover_folder(target)` puts it back.
     """
     new, target = Path(new), Path(target)
     old = None
     if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-{os.getpid()}-"))
         os.rmdir(old)
         os.replace(target, old)
     try:
@@ -165,7 +207,8 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside `target`; on success it replaces `target`, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    recover_folder(target)
+    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
     try:
         yield stage
         stage.chmod(folder_mode())  # mkdtemp makes it 0700

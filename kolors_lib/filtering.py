@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from kolors_lib.config import Config
 from kolors_lib.errors import FilterError
-from kolors_lib.files import staged_folder, write_json, write_text
+from kolors_lib.files import recover_folder, staged_folder, write_json, write_text
 from kolors_lib.lock import one_writer
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def read_raw(raw_dir: Path, default_caption: str = "") -> tuple[list[RawItem], l
 
     from kolors_lib.data import DataError, iter_metadata
 
-    raw_dir = Path(raw_dir)
+    raw_dir = recover_folder(raw_dir)  # a swap killed half-way is undone first
     meta = raw_dir / "metadata.jsonl"
     try:
         rows = list(iter_metadata(raw_dir))

@@ -352,3 +352,28 @@ def test_folder_or_binary_file_as_story_or_config_is_one_line(tmp_path: Path, ki
     line, = err.splitlines()
     assert line.startswith("error: ") and ("is a folder" in line or "not a text file" in line
                                            or "not valid YAML" in line), line
+
+
+# ---------------------------------------------------------------- 13: a swap killed between its renames
+
+
+def test_swap_killed_between_renames_is_recovered_and_leftovers_cleaned(tmp_path: Path) -> None:
+    from kolors_lib.encode_cache import read_metadata
+
+    train = tmp_path / "data" / "train"
+    train.mkdir(parents=True)
+    (train / "metadata.csv").write_text("file_name,text\na.png,a cat\n", encoding="utf-8")
+    # a real process runs swap_folder's first rename and is killed (SIGKILL) before the second
+    code = ("import os, signal\nfrom kolors_lib import files\nreal = os.replace\ncalls = []\n"
+            "def replace(a, b):\n    real(a, b)\n    calls.append(b)\n"
+            "    if len(calls) == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "os.replace = replace\n"
+            f"with files.staged_folder({str(train)!r}) as tmp:\n    (tmp / 'metadata.csv').write_text('new')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -9
+    assert not train.exists()
+    names = sorted(p.name for p in train.parent.iterdir())
+    assert len(names) == 2 and names[0].startswith(".train.old-") and names[1].startswith(".train.tmp-")
+    samples = read_metadata(train)  # the next step finds the previous folder again
+    assert [s.text for s in samples] == ["a cat"]
+    assert sorted(p.name for p in train.parent.iterdir()) == ["train"]
