@@ -92,7 +92,9 @@ def _pil_guard(max_pixels: int) -> Iterator[None]:
     """Make PIL refuse truncated files and images above `max_pixels`, restoring its globals after."""
     saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
     # Data-Juicer sets LOAD_TRUNCATED_IMAGES=True at import; a half file must still be a skip here
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # PIL's own guard would refuse at 2x its limit with its own number in the message; _check_pixels
+    # refuses from the header size instead, quoting data.max_pixels
+    Image.MAX_IMAGE_PIXELS = None
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
@@ -178,7 +180,8 @@ def _orientation(img: Image.Image) -> int:
         value = img.getexif().get(_ORIENTATION_TAG, 1)
     except Exception:  # a damaged EXIF block should not lose the image
         return 1
-    return value if isinstance(value, int) else 1
+    # only 1..8 are orientations; anything else (99) is a broken tag that exif_transpose ignores too
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _import_one(item: SourceItem, dest_dir: Path, stem: str, max_pixels: int) -> tuple[str, int, int, list[str]]:

@@ -377,3 +377,39 @@ def test_swap_killed_between_renames_is_recovered_and_leftovers_cleaned(tmp_path
     samples = read_metadata(train)  # the next step finds the previous folder again
     assert [s.text for s in samples] == ["a cat"]
     assert sorted(p.name for p in train.parent.iterdir()) == ["train"]
+
+
+# ---------------------------------------------------------------- 15: cosmetics
+
+
+def test_import_orientation_bomb_message_and_permissions(tiny_cfg: Config, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from kolors_lib.data import import_dataset
+
+    src = tmp_path / "src"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 99  # not an orientation: nothing is rotated, so nothing may be reported as rotated
+    Image.new("RGB", (64, 32), (10, 20, 30)).save(src / "odd.jpg", exif=exif.tobytes())
+    Image.new("RGB", (80, 80), (1, 2, 3)).save(src / "big.png")
+    tiny_cfg.data.max_pixels = 3000
+    result = import_dataset(tiny_cfg, src)
+    assert result.count == 1
+    assert not any("rotated" in w.get("message", "") for w in result.warnings)
+    (skip,) = result.skipped
+    assert skip["source"] == "big.png" and "80x80 = 6400 pixels is above data.max_pixels=3000" in skip["reason"]
+    mode = {p.name: p.stat().st_mode & 0o777 for p in (tiny_cfg.raw_dir, tiny_cfg.raw_dir / "metadata.jsonl")}
+    assert mode == {"raw": 0o755, "metadata.jsonl": 0o644}  # as mkdir/open give under umask 022
+
+
+def test_long_caption_warns_that_chatglm_reads_only_256_tokens(base_cfg: Config, tmp_path: Path) -> None:
+    from kolors_lib.encode_cache import build_cache
+
+    cfg = _cfg_in(base_cfg, tmp_path / "w")
+    meta = cfg.train_dir / "metadata.csv"
+    long_caption = "kstory, " + ", ".join(f"detail {i}" for i in range(200))
+    meta.write_text(meta.read_text(encoding="utf-8").replace("kstory, a blue house", long_caption),
+                    encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"caption of \d+ tokens is cut to the first 256"):
+        build_cache(cfg)
