@@ -138,7 +138,7 @@ def _score(args: argparse.Namespace) -> int:
     """Exit 0 on PASS and on FAIL (a low score is a result, printed clearly), 1 on FAIL with --strict."""
     from kolors_lib.scoring import score_folder
 
-    result = score_folder(_config(args), args.dir, device=args.device, gate=args.gate)
+    result = score_folder(_config(args), args.dir, device=args.device, gate=args.gate, out=args.out)
     print(result)
     print(f"report: {result.csv_path} and {result.json_path}")
     return 1 if args.strict and not result.passed else 0
