@@ -74,6 +74,9 @@ def step_lock(workdir: str | Path, step: str) -> Iterator[Path]:
         if _try_create(path, record):
             break
         holder = _holder(path)
+        if holder is not None and holder["pid"] == os.getppid() and holder.get("host") == record["host"]:
+            yield path  # a worker the holder started (Lightning's DDP re-launch): part of the same run
+            return
         if holder is not None and (holder.get("host") != record["host"] or _alive(holder["pid"])):
             raise BusyError(f"another {step} is running in {path.parent} (pid {holder['pid']}: "
                             f"{holder.get('command', '?')}); wait for it to finish or stop it, then run again "
