@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kolors_lib.checks import finite
+from kolors_lib.checks import finite, image_side
 from kolors_lib.config import GRID_FILE, LORA_FILE, MANIFEST_FILE, Config, panel_file
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import LoraNotFoundError, MissingInputError, StoryError
@@ -620,8 +620,8 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     settings = render_settings(cfg, story)
     with Image.open(image_path) as img:
         img = ImageOps.exif_transpose(img).convert("RGB")
-    width = _round_size(width or img.width)
-    height = _round_size(height or img.height)
+    width = image_side(_round_size(width or img.width), "width")  # bounded like every render (MAX_SIDE)
+    height = image_side(_round_size(height or img.height), "height")
     if (width, height) != img.size:
         img = img.resize((width, height), Image.Resampling.LANCZOS)
     prompt = with_trigger(prompt.strip(), trigger_word(cfg))

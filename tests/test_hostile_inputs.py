@@ -413,3 +413,27 @@ def test_long_caption_warns_that_chatglm_reads_only_256_tokens(base_cfg: Config,
                     encoding="utf-8")
     with pytest.warns(UserWarning, match=r"caption of \d+ tokens is cut to the first 256"):
         build_cache(cfg)
+
+
+# ---------------------------------------------------------------- 14: generation size bound
+
+
+@pytest.mark.parametrize("key", ["width", "height"])
+def test_generation_size_is_bounded_before_any_model_loads(tiny_cfg: Config, tmp_path: Path, key: str) -> None:
+    from kolors_lib.generation import refine, render_storyboard
+
+    with pytest.raises(ConfigError, match=f"generate.{key} must be a multiple of 64 from 64 to 2048.*99968"):
+        load_config(profile="tiny", workdir=tmp_path / "w", overrides={f"generate.{key}": 99968})
+    story = tmp_path / "story.yaml"
+    text = (ROOT / "configs/story.yaml").read_text(encoding="utf-8")
+    story.write_text(f"{key}: 99968\n" + "\n".join(line for line in text.splitlines()
+                                                   if not line.startswith(f"{key}:")), encoding="utf-8")
+    tiny_cfg.generate.width = tiny_cfg.generate.height = None
+    from kolors_lib.errors import StoryError
+
+    with pytest.raises(StoryError, match=f"{key} must be a multiple of 64 from 64 to 2048"):
+        render_storyboard(tiny_cfg, story)
+    _png(tmp_path / "draft.png")
+    with pytest.raises(ConfigError, match=f"{key} must be a multiple of 64 from 64 to 2048"):
+        refine(tiny_cfg, tmp_path / "draft.png", "a cat", **{key: 99968})
+    assert not tiny_cfg.models_dir.exists()
