@@ -75,6 +75,8 @@ def build_score_parser(parser: argparse.ArgumentParser | None = None) -> argpars
     p.add_argument("--gate", type=float, default=None, help="pass mark for the mean (default: score.gate, 6.0)")
     p.add_argument("--device", default=None, help="torch device (default: the config's, CPU without CUDA)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the mean is below the gate")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report folder (default: <workdir>/scores for the storyboard, DIR-scores beside another DIR)")
     return p
 
 

@@ -19,7 +19,7 @@ from kolors_lib.args import (
     build_train_parser,
 )
 from kolors_lib.config import Config, load_config, read_yaml
-from kolors_lib.errors import ConfigError, CourseError, PublishError
+from kolors_lib.errors import ConfigError, CourseError, PublishError, os_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +184,7 @@ def _score(args: argparse.Namespace) -> int:
     """Exit 0 on PASS and on FAIL (a low score is a result, printed clearly), 1 on FAIL with --strict."""
     from kolors_lib.scoring import score_folder
 
-    result = score_folder(_config(args), args.dir, device=args.device, gate=args.gate)
+    result = score_folder(_config(args), args.dir, device=args.device, gate=args.gate, out=args.out)
     print(result)
     print(f"report: {result.csv_path} and {result.json_path}")
     return 1 if args.strict and not result.passed else 0
@@ -215,10 +215,16 @@ COMMANDS = {"tiny-kolors": _tiny_kolors, "plan": _plan, "models": _models, "data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The one dispatcher: run one command; a CourseError ends with one line `error: ...` and exit code 2."""
+    """The one dispatcher: run one command; a CourseError or an OS error (full disk, read-only work dir)
+    ends with one line `error: ...` and exit code 2."""
     args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except CourseError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)
+        return 2
+    except FileNotFoundError:
+        raise  # a missing input is a CourseError naming the step that makes it; anything else is a bug
+    except OSError as err:  # full disk, read-only work dir, permissions: what and where, not a traceback
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from kolors_lib.checks import check_config
 from kolors_lib.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -347,8 +348,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder: pass a config YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8): pass a config YAML file") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     _absolutize(data, Path(path).resolve().parent)
@@ -390,7 +395,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | None) -> Config:
     """A copy of a loaded `cfg` with overrides, by the same rules as load_config (None values are skipped)."""
     cfg = copy.deepcopy(cfg)
     _set_fields(cfg, nest_overrides({k: v for k, v in (overrides or {}).items() if v is not None}))
-    return cfg
+    return check_config(cfg)
 
 
 def _set_fields(obj: Any, values: dict[str, Any]) -> None:
@@ -467,10 +472,13 @@ def _from_dict(
     gen = _build(GenerateConfig, data.pop("generate", {}) or {}, f"{where}: generate")
     gen.story = _path(gen.story, base, wd) or GenerateConfig().story
     score = _build(ScoreConfig, data.pop("score", {}) or {}, f"{where}: score")
-    return _build(
+    try:
+        return check_config(_build(
         Config,
         {**data, "profile": profile, "workdir": wd, "source_file": source.resolve(),
          "models": ModelsConfig(cache_dir=cache, **sources), "data": data_cfg, "filter": filt,
          "lora": lora, "train": train, "generate": gen, "score": score},
         where,
-    )
+        ))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None

@@ -22,7 +22,8 @@ from kolors_lib.console import progress as tqdm  # finished bars in saved notebo
 from kolors_lib.errors import DataError
 from kolors_lib.files import staged_folder, write_json
 from kolors_lib.hub import hub_endpoint, hub_reachable
-from kolors_lib.sources import IMAGE_EXTS, METADATA_NAME, SourceItem, folder_items, is_inside
+from kolors_lib.lock import one_writer
+from kolors_lib.sources import IMAGE_EXTS, METADATA_NAME, SourceItem, folder_items, is_inside, read_limited
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -100,7 +101,9 @@ def _pil_guard(max_pixels: int) -> Iterator[None]:
     """Make PIL refuse truncated files and images above `max_pixels`, restoring its globals after."""
     saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
     # Data-Juicer sets LOAD_TRUNCATED_IMAGES=True at import; a half file must still be a skip here
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # PIL's own guard would refuse at 2x its limit with its own number in the message; _check_pixels
+    # refuses from the header size instead, quoting data.max_pixels
+    Image.MAX_IMAGE_PIXELS = None
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
@@ -186,7 +189,8 @@ def _orientation(img: Image.Image) -> int:
         value = img.getexif().get(_ORIENTATION_TAG, 1)
     except Exception:  # a damaged EXIF block should not lose the image
         return 1
-    return value if isinstance(value, int) else 1
+    # only 1..8 are orientations; anything else (99) is a broken tag that exif_transpose ignores too
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _import_one(item: SourceItem, dest_dir: Path, stem: str, max_pixels: int) -> tuple[str, int, int, list[str]]:
@@ -194,7 +198,10 @@ def _import_one(item: SourceItem, dest_dir: Path, stem: str, max_pixels: int) ->
     data: bytes | None = None
     eight_bit = False
     if item.path is not None:
-        data = item.path.read_bytes()
+        try:
+            data = read_limited(item.path)
+        except OSError as err:  # a read problem skips this file; a write problem (full disk) stops the step
+            raise _Skip(f"cannot read file: {err.strerror or err}") from None
         img, eight_bit = _open(data, max_pixels)
     elif isinstance(item.obj, (bytes, bytearray)):
         data = bytes(item.obj)
@@ -321,9 +328,6 @@ def _import_rows(items: Iterable[SourceItem], cfg: Config, dest: Path, skipped: 
             except _Skip as why:
                 skipped.append({"source": item.source, "reason": str(why)})
                 continue
-            except OSError as err:
-                skipped.append({"source": item.source, "reason": f"cannot read file: {err}"})
-                continue
             warns.extend(item.notes)
             warns.extend({"source": item.source, "message": n} for n in notes)
             caption = item.caption if item.caption is not None else cfg.data.default_caption
@@ -399,6 +403,7 @@ def import_modelscope(cfg: Config) -> ImportResult:
 
 
 @logged_step("01_import")
+@one_writer("import")
 def import_dataset(cfg: Config, source: str | Path | None = None) -> ImportResult:
     """Step 01: import `source` (default cfg.data.source) into cfg.raw_dir: images/, metadata.jsonl."""
     source = cfg.data.source if source is None else source

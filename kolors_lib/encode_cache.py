@@ -13,6 +13,7 @@ import gc
 import hashlib
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from kolors_lib.config import Config
 from kolors_lib.errors import TrainingError
-from kolors_lib.files import save_safetensors, write_text
+from kolors_lib.files import recover_folder, save_safetensors, write_text
 from kolors_lib.plan import Placement, Plan, device_plan, to_int8
 
 CACHE_VERSION = "1"
@@ -83,7 +84,7 @@ class Sample:
 
 def read_metadata(train_dir: Path) -> list[Sample]:
     """Rows of DiffSynth's train/metadata.csv (file_name,text)."""
-    meta = Path(train_dir) / "metadata.csv"
+    meta = recover_folder(train_dir) / "metadata.csv"  # a swap killed half-way is undone first
     if not meta.is_file():
         raise TrainingError(f"{meta} not found: run step 02 (data filter) first")
     with open(meta, newline="", encoding="utf-8") as f:
@@ -185,6 +186,17 @@ def build_cache(cfg: Config, extra_prompts: Sequence[str] = (), negative: str = 
     return report
 
 
+TEXT_TOKENS = 256  # DiffSynth's Kolors prompter pads/truncates every prompt to 256 ChatGLM tokens
+
+
+def _warn_if_truncated(tokenizer: Any, caption: str) -> None:
+    """Warn when ChatGLM will only see the first 256 tokens of `caption` (the rest is silently dropped)."""
+    n = len(tokenizer(caption)["input_ids"])
+    if n > TEXT_TOKENS:
+        warnings.warn(f"caption of {n} tokens is cut to the first {TEXT_TOKENS} (ChatGLM's limit in Kolors): "
+                      f"{caption[:60]!r}...; shorten it so every word counts", stacklevel=3)
+
+
 def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts: dict[str, str],
             images: dict[str, Sample], place: Placement, tiled: bool, root: Path, crop: str,
             te_id: str, vae_id: str) -> None:
@@ -202,6 +214,7 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
         pipe = SDXLImagePipeline.from_model_manager(manager)
     with torch.no_grad():
         for key, caption in texts.items():
+            _warn_if_truncated(pipe.prompter.tokenizer, caption)
             # the stock trainer's exact call: pipe.encode_prompt(text, positive=True)
             emb = pipe.encode_prompt([caption], positive=True)
             save_safetensors({"encoder_hidden_states": emb["encoder_hidden_states"][0],

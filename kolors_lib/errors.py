@@ -75,3 +75,15 @@ class PublishError(CourseError, ValueError):
 
 class WorkflowError(CourseError, ValueError):
     """A ComfyUI workflow that cannot be written or does not validate."""
+
+
+_OS_HINTS = {28: "free some space or use another --workdir", 30: "the file system is read-only: use another --workdir",
+             13: "check the permissions or use another --workdir", 122: "the disk quota is exceeded"}
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OS error (full disk, read-only, permissions): the path, the cause, what to do."""
+    where = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    cause = err.strerror or str(err)
+    hint = _OS_HINTS.get(err.errno or 0)
+    return " ".join(f"{where + ': ' if where else ''}{cause}{'; ' + hint if hint else ''}".split())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -140,13 +141,44 @@ def _partner(key: str, have_up: bool) -> str:
     return f"{stem}.lora_A{tail}" if have_up else f"{stem}.lora_B{tail}"
 
 
+def lora_number(value: Any, what: str, integer: bool = False) -> float:
+    """A LoRA alpha or rank (metadata, argument or tensor) as a finite number > 0, else a LoraFormatError."""
+    try:
+        number = float(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0 or (integer and number != int(number)):
+        kind = "a whole number > 0" if integer else "a finite number > 0"
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise LoraFormatError(f"{what} must be {kind}, not {shown}")
+    return number
+
+
 def _meta_alpha(meta: Mapping[str, Any] | None, alpha: float | None) -> float | None:
-    """alpha given explicitly, else from file metadata, else None."""
+    """alpha given explicitly, else from file metadata, else None (each checked: finite and > 0)."""
     if alpha is not None:
-        return float(alpha)
+        return lora_number(alpha, "alpha")
     if meta and meta.get("alpha") is not None:
-        return float(meta["alpha"])
+        return lora_number(meta["alpha"], "the LoRA's metadata alpha")
     return None
+
+
+def _check_tensors(parts: Mapping[str, Mapping[str, torch.Tensor]], keys: Mapping[str, str]) -> None:
+    """Each pair: 2-D lora_A (rank, in) and lora_B (out, rank) of one rank, finite values; kohya alpha a scalar."""
+    for module, p in parts.items():
+        down, up = p["down"], p["up"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
+            raise LoraMismatchError(f"{keys[module]}: lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} "
+                                    "are not a (rank, in) / (out, rank) pair of one rank")
+        for part, tensor in p.items():
+            if part == "alpha":
+                if tensor.numel() != 1:
+                    raise LoraFormatError(f"{keys[module]}: alpha must be one number, not a tensor of shape "
+                                          f"{tuple(tensor.shape)}")
+                lora_number(tensor, f"{keys[module]}: alpha")
+            elif not torch.isfinite(tensor).all():
+                raise LoraFormatError(f"{keys[module]}: {part} tensor holds NaN or infinite values; the file is "
+                                      "broken (a diverged training?): train again or use another LoRA")
 
 
 def parse_lora(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None,
@@ -180,6 +212,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any] |
     incomplete = [_partner(keys[m], "up" in p) for m, p in parts.items() if "down" not in p or "up" not in p]
     if incomplete:
         raise LoraMismatchError(f"LoRA does not fit: missing keys: {_listing(incomplete)}")
+    _check_tensors(parts, keys)
     default_alpha = _meta_alpha(meta, alpha)
     if fmt == "diffsynth" and default_alpha is None:
         raise LoraFormatError("a DiffSynth/peft LoRA does not store alpha: pass alpha (the training "
@@ -201,9 +234,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any] |
 def _nominal(pairs: Mapping[str, LoraPair], meta: Mapping[str, Any] | None) -> tuple[int, float]:
     """The (rank, alpha) to write: the file's training values if known, else derived from the pairs."""
     ranks = {p.rank for p in pairs.values()}
-    rank = int(meta["rank"]) if meta and meta.get("rank") is not None else max(ranks)
+    rank = (int(lora_number(meta["rank"], "the LoRA's metadata rank", integer=True))
+            if meta and meta.get("rank") is not None else max(ranks))
     if meta and meta.get("alpha") is not None:
-        return rank, float(meta["alpha"])
+        return rank, lora_number(meta["alpha"], "the LoRA's metadata alpha")
     scales = {round(p.scale * p.rank, 6) for p in pairs.values()}
     return rank, scales.pop() if len(scales) == 1 else float(rank)
 
@@ -247,7 +281,7 @@ def convert_lora(state_dict: Mapping[str, torch.Tensor], fmt: str, meta: Mapping
         raise LoraFormatError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
     meta = dict(meta or {})
     if alpha is not None:
-        meta["alpha"] = float(alpha)
+        meta["alpha"] = lora_number(alpha, "--alpha")
     pairs = parse_lora(state_dict, meta, alpha)
     rank, nominal_alpha = _nominal(pairs, meta)
     kept = {k: v for k, v in meta.items() if not k.startswith("ss_") and k != "strength_note"}
@@ -281,8 +315,15 @@ def _encode_meta(meta: Mapping[str, Any]) -> dict[str, str]:
 
 def _decode_meta(raw: Mapping[str, str]) -> dict[str, Any]:
     """Inverse of _encode_meta."""
-    encoded = set(json.loads(raw.get(META_JSON_KEYS, "[]")))
-    return {k: (json.loads(v) if k in encoded else v) for k, v in raw.items() if k != META_JSON_KEYS}
+    try:
+        encoded = json.loads(raw.get(META_JSON_KEYS, "[]"))
+        if not isinstance(encoded, list):
+            raise ValueError("not a list")
+        return {k: (json.loads(v) if k in set(map(str, encoded)) else v)
+                for k, v in raw.items() if k != META_JSON_KEYS}
+    except ValueError as err:
+        raise LoraFormatError(f"the LoRA's metadata is broken ({META_JSON_KEYS} or a value it lists is not "
+                              f"valid JSON: {err})") from None
 
 
 def save_lora(state_dict: Mapping[str, torch.Tensor], path: str | Path, meta: Mapping[str, Any]) -> Path:
@@ -326,7 +367,10 @@ def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     except (SafetensorError, OSError, ValueError) as err:
         raise LoraFormatError(f"{path}: cannot read as safetensors, {_file_kind(path)} ({err}); this loader "
                               f"only reads .safetensors, it never unpickles files") from None
-    return state, _decode_meta(raw)
+    try:
+        return state, _decode_meta(raw)
+    except LoraFormatError as err:
+        raise LoraFormatError(f"{path}: {err}") from None
 
 
 @dataclass
@@ -356,9 +400,12 @@ def read_lora_spec(path: str | Path, alpha: float | None = None, fallback_alpha:
     if alpha is None and meta.get("alpha") is None:
         alpha = fallback_alpha
     if alpha is not None:
-        meta = {**meta, "alpha": float(alpha)}
-    pairs = parse_lora(state, meta)
-    rank, nominal_alpha = _nominal(pairs, meta)
+        meta = {**meta, "alpha": lora_number(alpha, "alpha")}
+    try:
+        pairs = parse_lora(state, meta)
+        rank, nominal_alpha = _nominal(pairs, meta)
+    except LoraFormatError as err:
+        raise type(err)(f"{path}: {err}") from None
     return LoraSpec(path.resolve(), state, meta, pairs, rank, nominal_alpha, sha256_file(path))
 
 
@@ -368,7 +415,10 @@ def export_lora(src: str | Path, fmt: str, dest: str | Path, alpha: float | None
     if dest.is_dir():
         dest = dest / f"{src.stem}.{fmt}.safetensors"
     state, meta = load_lora(src)
-    out, out_meta = convert_lora(state, fmt, meta, alpha)
+    try:
+        out, out_meta = convert_lora(state, fmt, meta, alpha)
+    except (LoraFormatError, LoraMismatchError) as err:
+        raise type(err)(f"{src}: {err}") from None
     out_meta.setdefault("source_file", src.name)
     return save_lora(out, dest, out_meta)
 

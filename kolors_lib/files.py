@@ -7,6 +7,7 @@ file or folder where a later step (or a learner) would read it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -34,6 +35,13 @@ def folder_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def named(err: BaseException, path: str | Path) -> BaseException:
+    """`err`, or for an OS error that names no file (a write hitting a full disk) the same error naming `path`."""
+    if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+        return type(err)(err.errno, err.strerror, str(path))
+    return err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed.
@@ -48,9 +56,12 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        renamed = named(err, path)
+        if renamed is err:
+            raise
+        raise renamed from err
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -69,18 +80,51 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(data: Any, path: str | Path) -> Path:
     """Write JSON (UTF-8, Chinese kept readable, indent 2, final newline) atomically."""
-    return write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    # allow_nan=False: NaN is not JSON; a value that slipped through must fail here, not in a reader
+    return write_text(path, json.dumps(data, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
+
+
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The .safetensors bytes of `tensors`, the same for the same input (keys and metadata sorted).
+
+    safetensors' own writer orders metadata keys by a randomly seeded hash map, so identical runs
+    gave different files (and a different sha256, which step 06 checks).
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        blob = t.reshape(-1).view(_uint8()).numpy().tobytes() if t.numel() else b""
+        dtype = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"cannot write tensor {name!r} of dtype {t.dtype} as safetensors")
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
+def _uint8() -> Any:
+    import torch
+
+    return torch.uint8
 
 
 def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write tensors (moved to CPU, contiguous) as .safetensors atomically."""
-    from safetensors.torch import save_file
-
-    # clone: safetensors refuses tensors that share storage (views of one buffer)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata=dict(metadata) if metadata else None)
-    return Path(path)
+    """Write tensors as .safetensors atomically; a file already holding the same bytes is left untouched."""
+    data = safetensors_bytes(tensors, metadata)
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return path  # a no-op re-run keeps the file (and its mtime) as it was
+    return write_bytes(path, data)
 
 
 def save_torch(state: Any, path: str | Path) -> Path:
@@ -92,15 +136,56 @@ def save_torch(state: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftover_owner(name: str, prefix: str) -> int | None:
+    """The PID in a `.<name>.tmp-<pid>-xxxx` / `.<name>.old-<pid>-xxxx` folder name (None: no PID, an older run)."""
+    head = name[len(prefix):].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def recover_folder(target: str | Path) -> Path:
+    """Undo what a killed swap left beside `target`: put a lone `.old` back, remove stale `.tmp`/`.old` folders.
+
+    A kill between swap_folder's two renames leaves `target` missing and the previous folder under
+    `.<name>.old-<pid>-*`; folders of processes still running are left alone.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return target
+    for kind in ("old", "tmp"):
+        prefix = f".{target.name}.{kind}-"
+        for leftover in sorted(target.parent.glob(f"{glob.escape(prefix)}*")):
+            owner = _leftover_owner(leftover.name, prefix)
+            if owner is not None and owner != os.getpid() and _pid_alive(owner):
+                continue
+            if kind == "old" and not (target.exists() or target.is_symlink()):
+                os.replace(leftover, target)  # the swap was killed after moving the old folder aside
+            elif leftover.is_symlink() or leftover.is_file():
+                leftover.unlink()
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+    return target
+
+
 def swap_folder(new: str | Path, target: str | Path) -> Path:
     """Put the finished folder `new` in place of `target` with renames; the old one is removed after.
 
-    Readers never see a half-written `target`; if the second rename fails the old folder is put back.
+    Readers never see a half-written `target`; if the second rename fails the old folder is put back, and
+    if the process is killed between the renames, the next `recover_folder(target)` puts it back.
     """
     new, target = Path(new), Path(target)
     old = None
     if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-{os.getpid()}-"))
         os.rmdir(old)
         os.replace(target, old)
     try:
@@ -122,14 +207,18 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside `target`; on success it replaces `target`, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    recover_folder(target)
+    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
     try:
         yield stage
         stage.chmod(folder_mode())  # mkdtemp makes it 0700
         swap_folder(stage, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(stage, ignore_errors=True)
-        raise
+        renamed = named(err, target)
+        if renamed is err:
+            raise
+        raise renamed from err
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -32,7 +32,8 @@ from kolors_lib.config import Config
 from kolors_lib.console import logged_step
 from kolors_lib.console import progress as tqdm  # finished bars in saved notebooks
 from kolors_lib.errors import FilterError
-from kolors_lib.files import staged_folder, write_json, write_text
+from kolors_lib.files import recover_folder, staged_folder, write_json, write_text
+from kolors_lib.lock import one_writer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,6 +118,22 @@ def build_caption(text: str, trigger_word: str, add_tags: list[str], remove_tags
     return ", ".join([trigger, *tags] if trigger else tags)
 
 
+def csv_safe_caption(caption: str, default: str, item_id: str) -> str:
+    """`caption`, unless DiffSynth's pandas loader would read it back as missing (NaN): then `default`.
+
+    pandas turns the text `NA`, `null`, `None`, `nan` (quoted or not) and an empty field into NaN, which
+    DiffSynth's trainer would then feed to the tokenizer as a float.
+    """
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    if caption not in STR_NA_VALUES:
+        return caption
+    if default.strip() and default.strip() not in STR_NA_VALUES:
+        return default.strip()
+    raise FilterError(f"image {item_id}: caption {caption!r} would be read as missing (NaN) by DiffSynth's "
+                      "metadata.csv loader: set filter.trigger_word or data.default_caption to a real caption")
+
+
 # ---------------------------------------------------------------- raw input
 
 
@@ -126,7 +143,7 @@ def read_raw(raw_dir: Path, default_caption: str = "") -> tuple[list[RawItem], l
 
     from kolors_lib.data import DataError, iter_metadata
 
-    raw_dir = Path(raw_dir)
+    raw_dir = recover_folder(raw_dir)  # a swap killed half-way is undone first
     meta = raw_dir / "metadata.jsonl"
     try:
         rows = list(iter_metadata(raw_dir))
@@ -197,8 +214,11 @@ def resolve_recipe(
     """Fill in the paths, process count and executor settings this step owns."""
     out = dict(recipe)
     run_dir = dj_dir / executor
+    # a `dataset` config, not `dataset_path`: Data-Juicer splits dataset_path on whitespace
+    # (weights and several paths), so a work dir under "My Projects/" would not load
+    out.pop("dataset_path", None)
     out.update(
-        dataset_path=str(dj_dir / "input.jsonl"),
+        dataset={"configs": [{"type": "local", "path": str(dj_dir / "input.jsonl")}]},
         work_dir=str(run_dir),
         np=int(num_proc),
         # attribution reads every removed row from the traces, so trace all of them
@@ -431,7 +451,8 @@ def write_train_dir(cfg: Config, kept: list[RawItem]) -> Path:
             names.add(name)
             shutil.copy2(it.path, tmp / name)
             f = cfg.filter
-            rows.append([name, build_caption(it.text, f.trigger_word, f.add_tags, f.remove_tags)])
+            rows.append([name, csv_safe_caption(build_caption(it.text, f.trigger_word, f.add_tags, f.remove_tags),
+                                                cfg.data.default_caption, it.id)])
         (tmp / "metadata.csv").write_text(_csv_text(["file_name", "text"], rows), encoding="utf-8", newline="")
     return cfg.train_dir
 
@@ -448,6 +469,7 @@ def write_report(clean_dir: Path, report: dict[str, Any]) -> Path:
 
 
 @logged_step("02_filter")
+@one_writer("filter")
 def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None = None) -> FilterResult:
     """Step 02: run the Data-Juicer recipe on `cfg.raw_dir` and write the training folder and report."""
     executor = executor or cfg.filter.executor or "default"
@@ -505,8 +527,10 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
         **extra,
         "images": images,
     }
+    # the training folder first: a write that fails (full disk) then leaves the previous report and set as a pair
+    train_dir = write_train_dir(cfg, [by_id[i] for i in kept_ids]) if kept_ids else None
     report_path = write_report(cfg.clean_dir, report)
-    if not kept_ids:
+    if train_dir is None:
         # a stale training set from an earlier run must not survive a run that keeps nothing
         if cfg.train_dir.exists():
             shutil.rmtree(cfg.train_dir)
@@ -515,7 +539,6 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
             f"nothing left after filtering {report['input']} images ({counts}; {len(skipped)} unreadable): "
             f"relax the recipe {recipe_path} or import more images (report: {report_path})"
         )
-    train_dir = write_train_dir(cfg, [by_id[i] for i in kept_ids])
     return FilterResult(train_dir=train_dir, kept=len(kept_ids), removed=removed, ops=ops,
                         report_path=report_path, executor=executor, input=report["input"],
                         skipped=skipped, raw_dir=cfg.raw_dir, images=images)

@@ -25,6 +25,7 @@ import contextlib
 import gc
 import io
 import json
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kolors_lib.checks import finite, image_side
 from kolors_lib.config import GRID_FILE, LORA_FILE, MANIFEST_FILE, Config, panel_file
 from kolors_lib.console import logged_step
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import LoraNotFoundError, MissingInputError, StoryError
 from kolors_lib.files import atomic_path, sha256_file, write_json
+from kolors_lib.lock import one_writer
 from kolors_lib.plan import Placement, device_plan, to_int8
 from kolors_lib.story import (
     SIZE_MULTIPLE,
@@ -122,6 +125,15 @@ def check_lora_against(root: Path, lora: LoraSpec) -> None:
     from kolors_lib.models import KolorsPaths, unet_skeleton
 
     check_lora_fits(unet_skeleton(KolorsPaths.from_root(root).unet), lora.pairs)
+
+
+def checked_strength(value: Any) -> float:
+    """A LoRA strength: finite (NaN would render black panels); a negative one works but gets a notice."""
+    strength = finite(value, "strength")
+    if strength < 0:
+        print(f"NOTICE: strength {strength:g} is negative: the LoRA's style is subtracted, not added",
+              file=sys.stderr)
+    return strength
 
 
 class LoraMerger:
@@ -508,6 +520,7 @@ def _storyboard_manifest(cfg: Config, story: Story, settings: RenderSettings, lo
 
 
 @logged_step("04_storyboard")
+@one_writer("storyboard")
 def render_storyboard(cfg: Config, story_path: str | Path | None = None, strength: float | None = None,
                       lora_path: str | Path | None = None, progress: bool = True,
                       candidates: int | None = None) -> StoryboardResult:
@@ -526,7 +539,7 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
         from kolors_lib.console import show
 
         show(plan.cost_line(len(story.scenes)))  # before minutes of model loading
-    strength = float(cfg.generate.strength if strength is None else strength)
+    strength = checked_strength(cfg.generate.strength if strength is None else strength)
     prompts = [with_trigger(s.prompt, trigger_word(cfg)) for s in story.scenes]
     out = cfg.storyboard_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -600,7 +613,7 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
     if not 0 <= scene_index < len(story.scenes):
         raise StoryError(f"{story.path}: scene index {scene_index} out of range 0..{len(story.scenes) - 1}")
     settings = render_settings(cfg, story)
-    strengths = [float(s) for s in (cfg.generate.sweep_strengths if strengths is None else strengths)]
+    strengths = [finite(s, "strength") for s in (cfg.generate.sweep_strengths if strengths is None else strengths)]
     if not strengths:
         raise ValueError("strength_sweep needs at least one strength")
     scene = story.scenes[scene_index]
@@ -654,13 +667,13 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     settings = render_settings(cfg, story)
     with Image.open(image_path) as img:
         img = ImageOps.exif_transpose(img).convert("RGB")
-    width = _round_size(width or img.width)
-    height = _round_size(height or img.height)
+    width = image_side(_round_size(width or img.width), "width")  # bounded like every render (MAX_SIDE)
+    height = image_side(_round_size(height or img.height), "height")
     if (width, height) != img.size:
         img = img.resize((width, height), Image.Resampling.LANCZOS)
     prompt = with_trigger(prompt.strip(), trigger_word(cfg))
     negative = settings.negative if negative is None else negative
-    strength = float(cfg.generate.strength if strength is None else strength)
+    strength = checked_strength(cfg.generate.strength if strength is None else strength)
     lora, renderer = prepare_renderer(cfg, lora_path, [prompt], [negative])
     LoraMerger(renderer.unet, lora).set(strength)
     result = renderer.render(prompt, negative, cfg.seed if seed is None else seed, steps or settings.steps,

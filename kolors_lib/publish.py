@@ -39,6 +39,7 @@ from kolors_lib.config import (
 from kolors_lib.console import logged_step
 from kolors_lib.errors import LoraError, PublishError
 from kolors_lib.files import staged_folder
+from kolors_lib.lock import one_writer
 from kolors_lib.model_card import (
     EXPORTS,
     LORA_NAME,
@@ -355,6 +356,7 @@ def _upload(repo_id: str, folder: Path, files: list[tuple[str, int]], token: str
 
 
 @logged_step("06_publish")
+@one_writer("publish")
 def publish(cfg: Config, repo_id: str, dry_run: bool = True, token: str | None = None, private: bool = False,
             commit_message: str | None = None) -> PublishResult:
     """Assemble `cfg.publish_dir` and upload it as ModelScope model `repo_id`; a dry run (default) sends nothing.

@@ -32,6 +32,7 @@ from kolors_lib.console import progress as tqdm  # finished bars in saved notebo
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import ScoreError
 from kolors_lib.files import write_json, write_text
+from kolors_lib.lock import one_writer
 from kolors_lib.plan import device_plan
 
 if TYPE_CHECKING:
@@ -283,7 +284,17 @@ def _consistency(embeds: dict[str, Any]) -> tuple[float | None, dict[str, float]
 # ---------------------------------------------------------------- scoring
 
 
+def scores_dest(cfg: Config, folder: Path, out: str | Path | None = None) -> Path:
+    """Where the report of `folder` goes: `out`, cfg.scores_dir for the storyboard, else `<folder>-scores` beside it."""
+    if out is not None:
+        return Path(out)
+    if folder.resolve() == cfg.storyboard_dir.resolve():
+        return cfg.scores_dir
+    return folder.resolve().parent / f"{folder.resolve().name}-scores"
+
+
 @logged_step("05_score")
+@one_writer("score")
 def score_folder(
     cfg: Config,
     folder: str | Path | None = None,
@@ -292,13 +303,19 @@ def score_folder(
     batch_size: int = 8,
     non_panel: Sequence[str] = NON_PANEL_PREFIXES,
     write: bool = True,
+    out: str | Path | None = None,
 ) -> ScoreResult:
-    """Score every image in `folder` (default: the storyboard); gate the panels' mean; write the report."""
+    """Score every image in `folder` (default: the storyboard); gate the panels' mean; write the report.
+
+    The report goes to `out`, else cfg.scores_dir for the storyboard, else `<folder>-scores` beside another
+    folder: scores of other images must never stand in for the storyboard's (step 06 publishes those).
+    """
     import torch
 
     from kolors_lib.models import resolve_model
 
     folder = Path(folder) if folder is not None else cfg.storyboard_dir
+    dest = scores_dest(cfg, folder, out)
     images, others = _list_folder(folder)
     if not images:
         extra = f" (only non-image files: {', '.join(others)})" if others else ""
@@ -347,5 +364,5 @@ def score_folder(
         consistency_to_others=to_others, least_consistent=least, model_id=cfg.models.aesthetic.model_id,
         model_folder=model_folder, ignored=others, embeddings=embeds)
     if write:
-        result.csv_path, result.json_path = write_scores(result, cfg.scores_dir)
+        result.csv_path, result.json_path = write_scores(result, dest)
     return result

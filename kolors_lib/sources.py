@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 METADATA_NAME = "metadata.jsonl"
+# no image or caption the course uses comes near this; a link to /dev/zero or a huge file stops here
+MAX_FILE_BYTES = 1 << 30
 
 
 @dataclass
@@ -58,14 +61,65 @@ def is_inside(path: Path, root: Path) -> bool:
         return False
 
 
-def walk_files(root: Path) -> list[str]:
-    """Every non-hidden file below `root`, as sorted relative POSIX paths (symlinked dirs not followed)."""
+def walk_files(root: Path, skipped: list[dict] | None = None) -> list[str]:
+    """Every non-hidden readable file below `root`, as sorted relative POSIX paths (symlinked dirs not followed).
+
+    Only regular files are listed: FIFOs and devices (a read would hang or never end), links that
+    point outside `root` and names that are not valid UTF-8 are left out, each with a reason in
+    `skipped` when given.
+    """
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         base = Path(dirpath)
-        found.extend((base / f).relative_to(root).as_posix() for f in filenames if not f.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            rel = (base / name).relative_to(root).as_posix()
+            why = _unreadable(root, base / name, rel)
+            if why is None:
+                found.append(rel)
+            elif skipped is not None:
+                skipped.append({"source": printable(rel), "reason": why})
     return sorted(found)
+
+
+def printable(name: str) -> str:
+    """A file name as text that can be printed and written to JSON (undecodable bytes as \\xNN)."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
+def _unreadable(root: Path, path: Path, rel: str) -> str | None:
+    """Why the file at `path` must not be read, or None when it is a regular file we may read."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (rename the file to import it)"
+    if path.is_symlink() and not is_inside(path, root):
+        return f"symbolic link to {printable(os.readlink(path))}, outside the source folder"
+    try:
+        st = path.stat()
+    except OSError as err:
+        return f"cannot read file: {err.strerror or err}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a pipe, device or socket)"
+    if st.st_size > MAX_FILE_BYTES:
+        return f"file is {st.st_size} bytes, above the {MAX_FILE_BYTES} byte limit"
+    return None
+
+
+def read_limited(path: Path, limit: int | None = None) -> bytes:
+    """A file's bytes, refusing anything but a regular file of at most `limit` bytes (OSError otherwise)."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    # O_NONBLOCK: opening a FIFO that replaced the file since it was listed must not wait for a writer
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path} is larger than {limit} bytes")
+    return data
 
 
 def _metadata_entry_name(entry: Any) -> Any:
@@ -86,7 +140,7 @@ def _read_source_metadata(
 ) -> dict[str, tuple[int, Any]]:
     """Parse root/metadata.jsonl into {relative image path: (line number, text)}; bad lines are skips."""
     out: dict[str, tuple[int, Any]] = {}
-    lines = (root / METADATA_NAME).read_bytes().decode("utf-8-sig", errors="replace").splitlines()
+    lines = read_limited(root / METADATA_NAME).decode("utf-8-sig", errors="replace").splitlines()
     for lineno, line in enumerate(lines, 1):
         where = f"{METADATA_NAME}:{lineno}"
         if not line.strip():
@@ -134,7 +188,7 @@ def _caption_for(root: Path, rel: str, captions: dict[str, str], listed: dict[st
     txt = captions.get(str(PurePosixPath(rel).with_suffix("")))
     if txt is None:
         return None, notes
-    text, warning = decode_caption((root / txt).read_bytes())
+    text, warning = decode_caption(read_limited(root / txt))
     if warning:
         notes.append({"source": txt, "message": warning})
     return text, notes
@@ -142,7 +196,7 @@ def _caption_for(root: Path, rel: str, captions: dict[str, str], listed: dict[st
 
 def folder_items(root: Path, skipped: list[dict], warns: list[dict]) -> list[SourceItem]:
     """List a local folder's images with their captions; non-images and bad metadata lines are skips."""
-    files = walk_files(root)
+    files = walk_files(root, skipped)
     images = [f for f in files if PurePosixPath(f).suffix.lower() in IMAGE_EXTS]
     captions = {str(PurePosixPath(f).with_suffix("")): f
                 for f in files if PurePosixPath(f).suffix.lower() == ".txt"}

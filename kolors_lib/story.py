@@ -13,11 +13,11 @@ from typing import Any
 import yaml
 
 from kolors_lib import storyfile
+from kolors_lib.checks import MAX_SIDE, SIZE_MULTIPLE, image_side
 from kolors_lib.config import N_PANELS, Config
 from kolors_lib.errors import ConfigError, StoryError
 
 N_SCENES = N_PANELS
-SIZE_MULTIPLE = 64  # DiffSynth's SDXL/Kolors pipeline rounds height/width up to multiples of 64
 STORY_KEYS = ("title", "negative", "cfg_scale", "steps", "width", "height", "scenes", *storyfile.STORY_KEYS)
 SCENE_KEYS = ("scene", "prompt", "seed", *storyfile.SCENE_KEYS)
 _MAX_SEED = 2**63 - 1
@@ -61,6 +61,8 @@ def load_story(path: str | Path) -> Story:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StoryError(f"story file not found: {path}") from None
+    except IsADirectoryError:
+        raise StoryError(f"{path} is a folder: pass a story YAML file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise StoryError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -83,9 +85,10 @@ def load_story(path: str | Path) -> Story:
     for key in ("width", "height"):
         value = raw.get(key, 1024)
         sizes[key] = value
-        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            problems.append(f"{key} must be a positive multiple of {SIZE_MULTIPLE} (Kolors' UNet halves the "
-                            f"8x-downsampled latent 3 times), not {value!r}")
+        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE or value > MAX_SIDE:
+            problems.append(f"{key} must be a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_SIDE} "
+                            f"(Kolors' UNet halves the 8x-downsampled latent 3 times; larger sides need far "
+                            f"more memory and time than the course plans for), not {value!r}")
     scenes_raw = raw.get("scenes")
     scenes: list[Scene] = []
     if not isinstance(scenes_raw, list):
@@ -140,8 +143,7 @@ def render_settings(cfg: Config, story: Story) -> RenderSettings:
     steps = gen.steps or story.steps
     width, height = gen.width or story.width, gen.height or story.height
     for key, value in (("width", width), ("height", height)):
-        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            raise ConfigError(f"generate.{key} must be a positive multiple of {SIZE_MULTIPLE}, not {value!r}")
+        image_side(value, f"generate.{key}")
     if not _is_int(steps) or steps < 1:
         raise ConfigError(f"generate.steps must be a positive integer, not {steps!r}")
     return RenderSettings(story.negative, story.cfg_scale, steps, width, height)

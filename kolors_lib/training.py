@@ -34,6 +34,7 @@ from kolors_lib.encode_cache import (
 )
 from kolors_lib.errors import NonFiniteLossError, TrainingError
 from kolors_lib.files import atomic_path, move_aside, save_safetensors, save_torch
+from kolors_lib.lock import one_writer
 from kolors_lib.pictures import side_by_side
 from kolors_lib.plan import Plan, device_plan
 
@@ -419,17 +420,24 @@ def total_steps(cfg: Config, n_images: int, world: int = 1) -> int:
     return int(cfg.train.steps)
 
 
-def _resume_state(cfg: Config, fingerprint: str, resume: bool) -> dict[str, Any] | None:
-    """The newest checkpoint of this same run, or None; checkpoints not resumed are moved aside, never deleted."""
+def _resume_state(cfg: Config, fingerprint: str, resume: bool, total: int) -> dict[str, Any] | None:
+    """The newest checkpoint of this same run, or None; checkpoints not resumed are moved aside, never deleted.
+
+    A run asked for fewer steps than its checkpoints hold trains anew: the later weights must never be
+    saved tagged with the smaller step count.
+    """
     ckpts = list_checkpoints(cfg)
     if not ckpts:
         return None
     why = "resume is off (--no-resume)"
     if resume:
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
-        if state.get("fingerprint") == fingerprint:
+        if state.get("fingerprint") != fingerprint:
+            why = f"{ckpts[-1].name} belongs to a run with other data or settings"
+        elif int(state["step"]) > total:
+            why = f"{ckpts[-1].name} is past the {total} steps asked for"
+        else:
             return state
-        why = f"{ckpts[-1].name} belongs to a run with other data or settings"
     aside = move_aside(checkpoint_dir(cfg), "set-aside")
     warnings.warn(f"{why}: starting afresh; the earlier checkpoints are kept in {aside} (delete it when "
                   "no longer needed)", stacklevel=3)
@@ -458,6 +466,7 @@ def _world_size(devices: Any, accelerator: str) -> int:
 
 
 @logged_step("03_train")
+@one_writer("train")
 def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callback] = (),
                **overrides: Any) -> TrainResult:
     """Cache encodings, train the LoRA with Lightning, checkpoint/resume, write kolors_lora.safetensors."""
@@ -472,7 +481,7 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
     fingerprint = run_fingerprint(cfg, report)
     world = _world_size(t.devices, t.accelerator)
     total = total_steps(cfg, len(report.samples), world)
-    state = _resume_state(cfg, fingerprint, resume)
+    state = _resume_state(cfg, fingerprint, resume, total)
     start = int(state["step"]) if state else 0
     cfg.lora_dir.mkdir(parents=True, exist_ok=True)
     loss_csv = cfg.loss_csv

@@ -353,22 +353,25 @@ def test_metadata_round_trips_and_file_is_safetensors(trained: tuple, tmp_path: 
     assert meta == {**META, "format": "diffsynth"}
 
 
-def test_failed_write_keeps_old_file_and_leaves_no_temp(trained: tuple, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import safetensors.torch
+def test_failed_write_keeps_old_file_and_leaves_no_temp(trained: tuple, tmp_path: Path) -> None:
+    """A real full disk: a tmpfs with room for one copy of the LoRA, not two (needs root to mount)."""
+    import subprocess
 
-    path = save_lora(trained[0], tmp_path / "lora.safetensors", META)
-    before = path.read_bytes()
-
-    def half_write(tensors: dict, filename: str, metadata: dict) -> None:
-        Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
-    with pytest.raises(OSError, match="disk full"):
-        save_lora(trained[0], path, META)
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
+    size = len(save_lora(trained[0], tmp_path / "probe.safetensors", META).read_bytes())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size + 64 * 1024}", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        path = save_lora(trained[0], disk / "lora.safetensors", META)
+        before = path.read_bytes()
+        with pytest.raises(OSError, match="No space left on device"):
+            save_lora(trained[0], path, {**META, "steps": 31})  # other bytes: a real second write
+        assert path.read_bytes() == before
+        assert sorted(p.name for p in disk.iterdir()) == ["lora.safetensors"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_pickles_and_other_files_are_refused(trained: tuple, tmp_path: Path) -> None:

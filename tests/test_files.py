@@ -78,3 +78,28 @@ def test_sha256_and_move_aside(tmp_path: Path) -> None:
     second = move_aside(path, "old")
     assert (first.name, second.name) == ("f.old-1", "f.old-2") and first.read_bytes() == b"abc"
     assert move_aside(tmp_path / "missing") is None
+
+
+def test_safetensors_bytes_are_the_same_for_the_same_input(tmp_path: Path) -> None:
+    """Issue 10.3: metadata key order made identical saves differ; a no-op save leaves the file alone."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file, safe_open
+
+    from kolors_lib.files import save_safetensors, sha256_file
+
+    tensors = {"b.lora_B": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+               "a.lora_A": torch.ones(3, 2, dtype=torch.bfloat16), "scalar": torch.tensor(2.0)}
+    meta = {k: str(i) for i, k in enumerate("kjihgfedcba")}
+    a, b = save_safetensors(tensors, tmp_path / "a.safetensors", meta), save_safetensors(
+        dict(reversed(tensors.items())), tmp_path / "b.safetensors", dict(reversed(meta.items())))
+    assert sha256_file(a) == sha256_file(b)
+    back = load_file(str(a))
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    with safe_open(str(a), "pt") as f:
+        assert f.metadata() == meta
+    before = a.stat().st_mtime_ns
+    time.sleep(0.01)
+    save_safetensors(tensors, a, meta)
+    assert a.stat().st_mtime_ns == before

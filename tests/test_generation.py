@@ -104,7 +104,7 @@ BAD_STORIES = {
     "unknown_key": (lambda d: d.update(colour="red"), r"unknown key\(s\) colour"),
     "unknown_scene_key": (lambda d: d["scenes"][4].update(negtive="x"), r"scene 5: unknown key\(s\) negtive"),
     "seed_not_int": (lambda d: d["scenes"][1].update(seed="2"), r"scene 2: seed must be an integer"),
-    "size": (lambda d: d.update(width=1000), r"width must be a positive multiple of 64"),
+    "size": (lambda d: d.update(width=1000), r"width must be a multiple of 64 from 64 to 2048"),
 }
 
 

@@ -233,7 +233,10 @@ def test_cli_output_gate_and_exit_codes(cfg: Config, tmp_path: Path, capsys: pyt
     out = capsys.readouterr().out
     assert "panel_01.png" in out and "storyboard.png" in out and "mean over 3 panel(s)" in out
     assert "gate -100: PASS" in out and "style consistency" in out
-    assert (cfg.scores_dir / "scores.json").is_file()
+    # issue 10.9: scores of another folder go beside it, never over the storyboard's
+    assert (folder.parent / "board-scores" / "scores.json").is_file() and not cfg.scores_dir.exists()
+    assert cli_main(["score", *base, "--gate", "-100", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "scores.json").is_file() and not cfg.scores_dir.exists()
 
     assert cli_main(["score", *base, "--gate", "100"]) == 0  # a FAIL is a result: exit 0, printed clearly
     assert "gate 100: FAIL" in capsys.readouterr().out
