@@ -151,8 +151,7 @@ def _train(args: argparse.Namespace) -> int:
                         precision=args.precision, resolution=args.resolution, seed=args.seed,
                         save_every=args.save_every)
     last = result.losses[-1][1] if result.losses else float("nan")
-    print(f"trained {result.steps} steps (resumed from {result.resumed_from}) in {result.seconds:.1f} s, "
-          f"final loss {last:.4f}\nLoRA: {result.lora_path}\nloss log: {result.loss_csv}")
+    print(f"{result} (final loss {last:.4f}, {result.seconds:.1f} s)\nloss log: {result.loss_csv}")
     return 0
 
 

@@ -327,7 +327,10 @@ def test_main_train_cli(cfg: Config, capsys: pytest.CaptureFixture[str], tmp_pat
             "--rank", "4", "--alpha", "2", "--lr", "1e-3", "--batch-size", "2", "--grad-accum", "1",
             "--precision", "32", "--resolution", str(RES), "--seed", "1", "--save-every", "1"]
     assert cli_main(["train", *argv]) == 0
-    assert "LoRA:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "LoRA:" in out and out.startswith("trained 1 steps") and "resumed" not in out  # a fresh run
+    assert cli_main(["train", *argv]) == 0
+    assert capsys.readouterr().out.startswith("all 1 steps were done before (nothing to train)")
     with safe_open(str(cfg.lora_dir / FINAL_NAME), "pt") as f:
         meta = f.metadata()
     assert (meta["rank"], meta["alpha"], meta["batch_size"], meta["seed"]) == ("4", "2.0", "2", "1")
