@@ -251,3 +251,14 @@ def kolors_scheduler() -> Any:
     from diffsynth.schedulers import EnhancedDDIMScheduler
 
     return EnhancedDDIMScheduler(beta_end=BETA_END, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+
+
+def lora_param_count(rank: int, target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")) -> int:
+    """LoRA parameters on the real Kolors UNet: rank*(in+out) per targeted Linear (meta device, no memory)."""
+    patch_torchvision()
+    from diffsynth.models.sdxl_unet import SDXLUNet
+
+    with torch.device("meta"):
+        unet = SDXLUNet(is_kolors=True)
+    return sum(rank * (m.in_features + m.out_features) for name, m in unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in target_modules)

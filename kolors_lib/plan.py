@@ -30,7 +30,7 @@ TINY_PARAMS = {"unet": 14_210_564, "text_encoder": 8_397_376, "vae_encoder": 580
 # ChatGLM's word embedding and output layer stay 16-bit under bitsandbytes int8 (2 x 65024 x 4096)
 CHATGLM_NON_LINEAR = 532_676_608
 PADDED_VOCAB = 65024
-# LoRA parameters per unit of rank on Kolors' to_q/to_k/to_v/to_out (training.lora_param_count(1))
+# LoRA parameters per unit of rank on Kolors' to_q/to_k/to_v/to_out (architecture.lora_param_count(1))
 LORA_PARAMS_PER_RANK = 1_451_520
 
 # Training activations at 1024² with gradient checkpointing: measured 1.02 GiB over the weights

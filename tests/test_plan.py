@@ -138,10 +138,9 @@ def test_parameter_counts_are_the_real_models() -> None:
     from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
     from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
 
-    from kolors_lib.architecture import CHATGLM_CONFIG
+    from kolors_lib.architecture import CHATGLM_CONFIG, lora_param_count
     from kolors_lib.fullsize import CLIP_VIT_L14
     from kolors_lib.plan import LORA_PARAMS_PER_RANK
-    from kolors_lib.training import lora_param_count
 
     with torch.device("meta"):
         models = {"unet": SDXLUNet(is_kolors=True), "vae_encoder": SDXLVAEEncoder(),
