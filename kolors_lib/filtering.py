@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import yaml
 from kolors_lib.config import Config
 from kolors_lib.console import logged_step
 from kolors_lib.console import progress as tqdm  # finished bars in saved notebooks
-from kolors_lib.errors import FilterError
+from kolors_lib.errors import CourseError, FilterError
 from kolors_lib.files import recover_folder, staged_folder, write_json, write_text
 from kolors_lib.lock import one_writer
 
@@ -229,6 +230,9 @@ def resolve_recipe(
         keep_stats_in_res_ds=True,
         # stats are cached by file fingerprint, which misses an image changed on disk
         use_cache=False,
+        # an op that raises must stop the step: skipping drops the sample silently and the removal
+        # is then blamed on another op (a predictor without its tokenizer "deduplicated" every image)
+        skip_op_error=False,
         # the per-op resource monitor forks a Manager process; forked after torch has run its threads
         # (the aesthetic filter, the captioner) it can hang, and its numbers are not used here
         open_monitor=False,
@@ -400,14 +404,28 @@ def run_data_juicer(recipe_path: Path, executor: str, ray_address: str = "local"
 
         dj_cfg = init_configs(args=["--config", str(recipe_path)])
         if executor == "ray":
-            from data_juicer.core.executor.ray_executor import RayExecutor
-
-            RayExecutor(dj_cfg).run()
+            from data_juicer.core.executor.ray_executor import RayExecutor as Executor
         else:
-            from data_juicer.core import DefaultExecutor
-
-            DefaultExecutor(dj_cfg).run()
+            from data_juicer.core import DefaultExecutor as Executor
+        try:
+            Executor(dj_cfg).run()
+        except CourseError:
+            raise
+        except Exception as err:
+            raise FilterError(f"Data-Juicer's {failing_op(err)} failed: {type(err).__name__}: {err} "
+                              f"(recipe {recipe_path}; nothing was written)") from err
     return Path(dj_cfg.work_dir)
+
+
+def failing_op(err: BaseException) -> str:
+    """Name of the Data-Juicer op running when `err` was raised (innermost op frame), or 'a recipe op'."""
+    # frames inside a worker process are lost in the pool's re-raise; the op's run() frame remains
+    name = "a recipe op"
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        op = frame.f_locals.get("self")
+        if isinstance(getattr(op, "_name", None), str) and hasattr(op, "run"):
+            name = op._name
+    return name
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import torch
 from kolors_lib.architecture import CHATGLM_CONFIG, KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG
 from kolors_lib.compat import patch_torchvision
 from kolors_lib.files import staged_folder, write_json
-from kolors_lib.tiny import KOLORS_MODEL_INDEX, KOLORS_SCHEDULER, _tokenizer_dir
+from kolors_lib.tiny import KOLORS_MODEL_INDEX, KOLORS_SCHEDULER, _tokenizer_dir, write_predictor_processor
 
 # shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE config.json: CLIP ViT-L/14 vision tower
 CLIP_VIT_L14_CONFIG: dict[str, Any] = {
@@ -166,16 +166,13 @@ def write_full_aesthetic(folder: Path, seed: int) -> None:
     """The aesthetic predictor at real size (CLIP ViT-L/14 + MLP head) in its repo's layout."""
     patch_torchvision()
     from aesthetics_predictor import AestheticsPredictorV2Linear
-    from transformers import CLIPImageProcessor
 
     config = CLIP_VIT_L14()
     shapes = _meta_shapes(lambda: AestheticsPredictorV2Linear(config))
     stream_safetensors(folder / "model.safetensors", shapes, lambda n, s: random_tensor(n, s, seed))
     config.architectures = ["AestheticsPredictorV2Linear"]
     config.save_pretrained(folder)
-    size = CLIP_VIT_L14_CONFIG["image_size"]
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        folder)
+    write_predictor_processor(folder, CLIP_VIT_L14_CONFIG["image_size"])
 
 
 def write_full_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
@@ -184,7 +181,8 @@ def write_full_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) 
     out = {"kolors": dest / "Kolors", "vae_fp16_fix": dest / "sdxl-vae-fp16-fix",
            "aesthetic": dest / "aesthetics-predictor"}
     marker = dest / "full-kolors.json"
-    info = {"seed": seed, "size": "full", "weights": "fp16", "std": WEIGHT_STD, "pool": POOL_SIZE}
+    # "layout" changes when the files written change, so an older folder is rewritten
+    info = {"seed": seed, "size": "full", "weights": "fp16", "std": WEIGHT_STD, "pool": POOL_SIZE, "layout": 2}
     if marker.exists() and not overwrite and json.loads(marker.read_text()) == info:
         return out
     # swap in whole, so a half-written model folder is never picked up

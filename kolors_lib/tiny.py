@@ -153,12 +153,18 @@ def write_tiny_aesthetic(folder: Path, seed: int) -> None:
     """A random tiny aesthetic predictor (CLIP vision + linear head) in its repo's layout."""
     patch_torchvision()  # transformers' CLIP model imports torchvision
     from aesthetics_predictor import AestheticsPredictorV2Linear
-    from transformers import CLIPImageProcessor, CLIPVisionConfig
+    from transformers import CLIPVisionConfig
 
     torch.manual_seed(seed)
     model = AestheticsPredictorV2Linear(CLIPVisionConfig(**TINY_CLIP_VISION))
     model.save_pretrained(folder)
-    size = TINY_CLIP_VISION["image_size"]
+    write_predictor_processor(folder, TINY_CLIP_VISION["image_size"])
+
+
+def write_predictor_processor(folder: Path, size: int) -> None:
+    """The predictor's image processor and CLIP tokenizer: Data-Juicer loads a whole CLIPProcessor."""
+    from transformers import CLIPImageProcessor
+
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
         folder)
     write_tiny_clip_tokenizer(folder)

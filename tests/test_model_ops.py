@@ -160,3 +160,22 @@ def test_recipe_may_not_set_what_the_config_owns(step02_cfg: Config, tmp_path: P
     process = [{"image_aesthetics_filter": {"min_score": 0.5}}]
     with pytest.raises(FilterError, match=r"recipe\.yaml: image_aesthetics_filter\.min_score .*course config"):
         prepare_model_ops(step02_cfg, process, tmp_path, Path("recipe.yaml"))
+
+
+def test_an_op_that_fails_stops_the_step_naming_the_op(tiny_step02_models: dict[str, Path], tmp_path: Path) -> None:
+    """A predictor folder without its tokenizer: Data-Juicer would log the error and drop every image,
+    and the report would blame the deduplicator; the step must stop and name the failing op."""
+    from kolors_lib.config import load_config
+
+    broken = tmp_path / "predictor"
+    shutil.copytree(tiny_step02_models["aesthetic"], broken)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (broken / name).unlink(missing_ok=True)
+    cfg = load_config(profile="tiny", workdir=tmp_path / "workdir", overrides={
+        "models": {"aesthetic": {"local_dir": str(broken)}, "captioner": {"local_dir": str(tmp_path / "absent")}},
+        "filter": {"caption_mode": "keep"}})
+    write_raw(cfg.raw_dir, 3)
+    with pytest.raises(FilterError, match=r"image_aesthetics_filter failed.*KeyError") as err:
+        filter_dataset(cfg)
+    assert "deduplicator" not in str(err.value)
+    assert not (cfg.train_dir / "metadata.csv").exists()
