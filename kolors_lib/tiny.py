@@ -163,6 +163,7 @@ def write_tiny_aesthetic(folder: Path, seed: int) -> None:
 
 def write_predictor_processor(folder: Path, size: int) -> None:
     """The predictor's image processor and CLIP tokenizer: Data-Juicer loads a whole CLIPProcessor."""
+    patch_torchvision()  # transformers' image utils import torchvision
     from transformers import CLIPImageProcessor
 
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
