@@ -50,6 +50,8 @@ def test_rehearsal_runs_every_notebook_on_the_full_size_model(tmp_path: Path) ->
     result = json.loads((tmp_path / "wd" / "rehearsal.json").read_text())
     assert [r["phase"][:2] for r in result["phases"]] == ["01", "02", "03", "04", "05", "06"]
     assert max(r["peak_rss_gib"] for r in result["phases"]) <= 24
+    # the bound: 30 minutes on 2 cores once the weights are written (more cores only help)
+    assert result["seconds_notebooks"] <= 30 * 60
     manifest = json.loads((tmp_path / "wd" / "storyboard" / "manifest.json").read_text())
     assert manifest["base_model"]["folder"].startswith(str(models))
     assert len(manifest["panels"]) == 8
