@@ -241,6 +241,11 @@ class Config:
         return self.scores_dir / SCORES_JSON
 
     @property
+    def prompt_cache_dir(self) -> Path:
+        """ChatGLM encodings of story prompts (steps 04-06), so a re-render needs no ChatGLM."""
+        return self.workdir / "cache" / "prompts"
+
+    @property
     def logs_dir(self) -> Path:
         """Each step's log of the libraries it used (warnings, logging, prints): logs/NN_step.log."""
         return self.workdir / "logs"

@@ -40,7 +40,7 @@ from kolors_lib.config import GRID_FILE, LORA_FILE, MANIFEST_FILE, Config, panel
 from kolors_lib.console import logged_step
 from kolors_lib.devices import resolve_device
 from kolors_lib.errors import LoraNotFoundError, MissingInputError, StoryError
-from kolors_lib.files import atomic_path, sha256_file, write_json
+from kolors_lib.files import atomic_path, save_safetensors, sha256_file, write_json
 from kolors_lib.lock import one_writer
 from kolors_lib.plan import Placement, device_plan, to_int8
 from kolors_lib.story import (
@@ -206,7 +206,8 @@ class KolorsRenderer:
     """
 
     def __init__(self, root: Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                 offload_text_encoder: bool = True, text: Placement | None = None, tiled: bool = False) -> None:
+                 offload_text_encoder: bool = True, text: Placement | None = None, tiled: bool = False,
+                 prompt_cache: Path | None = None) -> None:
         from kolors_lib.compat import patch_torchvision
         from kolors_lib.models import KolorsPaths, load_model_manager
 
@@ -218,28 +219,33 @@ class KolorsRenderer:
         self.dtype = dtype or default_dtype(device)
         self.offload = offload_text_encoder
         # offloaded, ChatGLM may sit elsewhere than the UNet (the CPU, or int8 on a small GPU)
-        text = text if offload_text_encoder else None
-        self.text_device = text.device if text else device
-        self.text_dtype = text.torch_dtype if text else self.dtype
+        self.text = text if offload_text_encoder else None
+        self.text_device = self.text.device if self.text else device
+        self.text_dtype = self.text.torch_dtype if self.text else self.dtype
         self.tiled = tiled
         self.paths = KolorsPaths.from_root(self.root)
-        # offloading: phase 1 loads only ChatGLM and phase 2 only the UNet and VAE, so neither host
-        # RAM nor GPU memory ever holds both; on a GPU each phase loads on the CPU, then moves over
+        # offloading: ChatGLM loads only when a prompt is missing from the cache, and the UNet and VAE
+        # only after it is released, so neither host RAM nor GPU memory ever holds both; on a GPU
+        # each phase loads on the CPU, then moves over
         self.load_device = "cpu" if offload_text_encoder and _cuda(device) else device
-        files = [self.paths.text_encoder] if offload_text_encoder else [
-            self.paths.text_encoder, self.paths.unet, self.paths.vae]
+        files = [] if offload_text_encoder else [self.paths.text_encoder, self.paths.unet, self.paths.vae]
         log = io.StringIO()
         with contextlib.redirect_stdout(log), _no_transformers_bars():  # DiffSynth prints lines per model
             self.manager = load_model_manager(files, device=self.load_device, dtype=self.text_dtype)
-            if text is not None and text.dtype == "int8":
-                to_int8(self.manager.fetch_model("kolors_text_encoder"), text.device)
             self.pipe = SDXLImagePipeline.from_model_manager(self.manager, device=device)
             self.pipe.torch_dtype = self.dtype  # latents in the UNet's dtype, whatever ChatGLM's is
         self.load_log = log.getvalue()
-        if self.pipe.text_encoder_kolors is None:
+        if offload_text_encoder:
+            from kolors_lib.architecture import kolors_scheduler
+
+            self.pipe.scheduler = kolors_scheduler()  # what DiffSynth switches to when it sees ChatGLM
+        elif self.pipe.text_encoder_kolors is None:
             raise RuntimeError(f"{self.root}: DiffSynth found no Kolors ChatGLM there")
         self.cache: dict[tuple[str, bool, int, int], dict[str, torch.Tensor]] = {}
-        self.text_encoder_released = False
+        self.prompt_cache = Path(prompt_cache) if prompt_cache else None
+        self.text_id = ""  # ChatGLM's identity, read when the prompt cache is first used
+        self.can_encode, self.text_encoder_released = True, False
+        self.encoded, self.from_cache = 0, 0  # prompts run through ChatGLM / read from the prompt cache
         self.peak_memory: dict[str, int | None] = {}
         self.pipe.encode_prompt = self._cached_prompt  # instance attribute shadows the method
 
@@ -249,7 +255,7 @@ class KolorsRenderer:
         plan = device_plan(cfg)
         unet = plan.get("storyboard-denoise", "unet")
         return cls(root, unet.device, unet.torch_dtype, cfg.generate.offload_text_encoder,
-                   plan.get("storyboard-encode", "text_encoder"), plan.tiled_vae)
+                   plan.get("storyboard-encode", "text_encoder"), plan.tiled_vae, cfg.prompt_cache_dir)
 
     @classmethod
     def around_unet(cls, root: Path, unet: torch.nn.Module, embeddings: dict[tuple[str, bool], dict[str, torch.Tensor]],
@@ -279,6 +285,7 @@ class KolorsRenderer:
         self.cache = {(p, positive, 1, 2): {k: v[None].to(device, self.dtype) for k, v in e.items()}
                       for (p, positive), e in embeddings.items()}
         self.text_encoder_released, self.peak_memory = True, {}
+        self.can_encode, self.prompt_cache, self.encoded, self.from_cache = False, None, 0, 0
         self.pipe.encode_prompt = self._cached_prompt
         return self
 
@@ -327,33 +334,87 @@ class KolorsRenderer:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], negatives: Sequence[str] = ("",)) -> None:
-        """Phase 1: ChatGLM encodes each distinct prompt once (negatives as DiffSynth does), then is released."""
-        if self.text_encoder_released:
-            missing = [p for p in prompts if (p, True, 1, 2) not in self.cache]
-            missing += [p for p in negatives if (p, False, 1, 2) not in self.cache]
-            if missing:
-                raise RuntimeError(f"ChatGLM was released; cannot encode {missing!r}")
-            return
-        pipe = self.pipe
-        encoder = pipe.text_encoder_kolors
-        _peak_reset(self.device)
-        if self.offload and _cuda(self.text_device):
-            encoder.to(self.text_device)
+        """Phase 1: each distinct prompt once, from the prompt cache on disk or else through ChatGLM.
+
+        ChatGLM is loaded only when a prompt is missing from both caches, and released afterwards when
+        offloading; what it encodes is written to the prompt cache, so a re-run needs no ChatGLM at all.
+        """
         todo = [(p, True) for p in dict.fromkeys(prompts)] + [(n, False) for n in dict.fromkeys(negatives)]
+        todo = [(p, pos) for p, pos in todo if (p, pos, 1, 2) not in self.cache and not self._read_cached(p, pos)]
+        if not todo:
+            return
+        if not self.can_encode:
+            raise RuntimeError(f"this renderer has no ChatGLM (prompts come from elsewhere); cannot encode "
+                               f"{[p for p, _ in todo]!r}")
+        _peak_reset(self.device)
+        self._load_text_encoder()
+        pipe = self.pipe
+        if self.offload and _cuda(self.text_device):
+            pipe.text_encoder_kolors.to(self.text_device)
         pipe.device = self.text_device  # DiffSynth puts the token ids on pipe.device
         try:
             for prompt, positive in todo:
-                key = (prompt, positive, 1, 2)
-                if key not in self.cache:
-                    self.cache[key] = _encode_one(pipe, prompt, positive)
+                self.cache[(prompt, positive, 1, 2)] = _encode_one(pipe, prompt, positive)
+                self._write_cached(prompt, positive)
+                self.encoded += 1
         finally:
             pipe.device = self.device
         self.peak_memory["encode"] = _peak(self.device)
         if self.offload:
             self.release_text_encoder()
 
+    def _load_text_encoder(self) -> None:
+        """ChatGLM into the pipeline, where the plan puts it (offloading: only now, on first need)."""
+        if self.pipe.text_encoder_kolors is not None:
+            return
+        from diffsynth.prompters import KolorsPrompter
+
+        from kolors_lib.models import load_model_manager
+
+        with _no_transformers_bars():
+            manager = load_model_manager([self.paths.text_encoder], device=self.load_device, dtype=self.text_dtype)
+        self.load_log += manager.load_log
+        encoder = manager.fetch_model("kolors_text_encoder")
+        if encoder is None:
+            raise RuntimeError(f"{self.root}: DiffSynth found no Kolors ChatGLM there")
+        if self.text is not None and self.text.dtype == "int8":
+            to_int8(encoder, self.text.device)
+        self.text_manager = manager
+        self.pipe.text_encoder_kolors = encoder
+        self.pipe.prompter = KolorsPrompter()
+        self.pipe.prompter.fetch_models(encoder)
+
+    def _prompt_file(self, prompt: str, positive: bool) -> Path | None:
+        """Where the prompt cache keeps one encoding (keyed by prompt, ChatGLM's identity and dtype)."""
+        if self.prompt_cache is None:
+            return None
+        from kolors_lib.encode_cache import CACHE_VERSION, content_hash, model_identity
+
+        self.text_id = self.text_id or model_identity(self.paths.text_encoder)
+        key = content_hash("prompt", CACHE_VERSION, prompt, str(positive), self.text_id, str(self.text_dtype))
+        return self.prompt_cache / f"{key[:32]}.safetensors"
+
+    def _read_cached(self, prompt: str, positive: bool) -> bool:
+        """Fill the in-memory cache from the prompt cache on disk; False when it has no such entry."""
+        path = self._prompt_file(prompt, positive)
+        if path is None or not path.is_file():
+            return False
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        self.cache[(prompt, positive, 1, 2)] = {k: v.to(self.text_device) for k, v in tensors.items()}
+        self.from_cache += 1
+        return True
+
+    def _write_cached(self, prompt: str, positive: bool) -> None:
+        path = self._prompt_file(prompt, positive)
+        if path is not None:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.cache[(prompt, positive, 1, 2)].items()}
+            save_safetensors(tensors, path, {"prompt": prompt, "positive": str(positive), "encoder": self.text_id,
+                                             "dtype": str(self.text_dtype)})
+
     def release_text_encoder(self) -> None:
-        """Take ChatGLM off the device and drop every reference to it (pipeline, prompter, manager)."""
+        """Take ChatGLM off the device and drop every reference to it (pipeline, prompter, managers)."""
         pipe = self.pipe
         encoder = pipe.text_encoder_kolors
         if encoder is None:
@@ -362,10 +423,14 @@ class KolorsRenderer:
             encoder.to("cpu")
         pipe.text_encoder_kolors = None
         pipe.prompter.text_encoder = None
-        keep = [i for i, name in enumerate(self.manager.model_name) if name != "kolors_text_encoder"]
-        self.manager.model = [self.manager.model[i] for i in keep]
-        self.manager.model_path = [self.manager.model_path[i] for i in keep]
-        self.manager.model_name = [self.manager.model_name[i] for i in keep]
+        for manager in (self.manager, getattr(self, "text_manager", None)):
+            if manager is None:
+                continue
+            keep = [i for i, name in enumerate(manager.model_name) if name != "kolors_text_encoder"]
+            manager.model = [manager.model[i] for i in keep]
+            manager.model_path = [manager.model_path[i] for i in keep]
+            manager.model_name = [manager.model_name[i] for i in keep]
+        self.text_manager = None
         del encoder
         gc.collect()
         if torch.cuda.is_available():

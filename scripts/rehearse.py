@@ -79,7 +79,7 @@ class PeakRss:
     """Samples the summed RSS of this process's descendants (and their own high-water marks)."""
 
     def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peak_kib, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak_kib, self.peak_at, self._stop = interval, 0, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -87,7 +87,8 @@ class PeakRss:
             pids = _descendants(os.getpid())
             total = sum(_status_kib(p, "VmRSS") for p in pids)
             hwm = max((_status_kib(p, "VmHWM") for p in pids), default=0)
-            self.peak_kib = max(self.peak_kib, total, hwm)
+            if max(total, hwm) > self.peak_kib:
+                self.peak_kib, self.peak_at = max(total, hwm), time.time()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRss:
@@ -97,6 +98,24 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def peak_cell(notebook: Path, at: float) -> str:
+    """The code cell that was running at time `at` (papermill's per-cell start/end times)."""
+    import datetime as dt
+
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    for i, cell in enumerate(c for c in cells if c["cell_type"] == "code"):
+        meta = cell.get("metadata", {}).get("papermill", {})
+        if not meta.get("start_time") or not meta.get("end_time"):
+            continue
+        start, end = (dt.datetime.fromisoformat(meta[k].rstrip("Z")).replace(tzinfo=dt.timezone.utc).timestamp()
+                      for k in ("start_time", "end_time"))
+        if start <= at <= end + 1:
+            first = next((line for line in "".join(cell["source"]).splitlines()
+                          if line.strip() and not line.startswith(("from ", "import ", "%"))), "")
+            return f"cell {i}: {first.strip()[:60]}"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,17 +153,18 @@ def main(argv: list[str] | None = None) -> int:
                                        cwd=str(NOTEBOOKS), progress_bar=False,
                                        parameters={"profile": "full", "workdir": str(wd), "config": str(config)})
         rows.append({"phase": nb.stem, "peak_rss_gib": round(peak.peak_kib / 2**20, 2),
-                     "seconds": round(time.monotonic() - began, 1)})
+                     "seconds": round(time.monotonic() - began, 1),
+                     "peak_cell": peak_cell(wd / "notebooks" / nb.name, peak.peak_at)})
         print(json.dumps(rows[-1]), flush=True)
     result = {"resolution": args.resolution, "steps": args.steps, "gen_steps": args.gen_steps,
               "models": str(args.models), "seconds_writing_models": round(written, 1),
               "seconds_notebooks": round(sum(r["seconds"] for r in rows), 1), "phases": rows}
     (wd / "rehearsal.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    print("\n| phase | peak RSS (GiB) | seconds |\n|---|---|---|")
+    print("\n| phase | peak RSS (GiB) | seconds | peak while |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['phase']} | {r['peak_rss_gib']:.2f} | {r['seconds']:.0f} |")
+        print(f"| {r['phase']} | {r['peak_rss_gib']:.2f} | {r['seconds']:.0f} | {r['peak_cell']} |")
     print(f"| total (after the weights were written) | {max(r['peak_rss_gib'] for r in rows):.2f} | "
-          f"{result['seconds_notebooks']:.0f} |")
+          f"{result['seconds_notebooks']:.0f} | |")
     return 0
 
 

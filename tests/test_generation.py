@@ -4,6 +4,7 @@ manifest reproduction, strength sweep, img2img refine and the CLI, on the tiny K
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import weakref
 from pathlib import Path
@@ -260,12 +261,39 @@ def test_all_prompts_are_encoded_before_denoising_and_chatglm_is_freed(board) ->
 
 def test_phases_never_hold_chatglm_and_the_unet_together(kolors_root: Path) -> None:
     renderer = G.KolorsRenderer(kolors_root, "cpu", offload_text_encoder=True)
-    assert renderer.pipe.text_encoder_kolors is not None and renderer.pipe.unet is None
+    assert renderer.pipe.text_encoder_kolors is None and renderer.pipe.unet is None  # ChatGLM loads on need
     renderer.encode(["kstory, 山水"], [""])
+    assert renderer.encoded == 2
     assert renderer.text_encoder_released and renderer.pipe.text_encoder_kolors is None
     assert renderer.unet is not None and renderer.pipe.vae_decoder is not None  # phase 2 loads now
     resident = G.KolorsRenderer(kolors_root, "cpu", offload_text_encoder=False)
     assert resident.pipe.text_encoder_kolors is not None and resident.pipe.unet is not None
+
+
+def test_prompt_cache_answers_a_rerun_without_loading_chatglm(kolors_root: Path, tmp_path: Path) -> None:
+    """A re-render (new strength, best-of-N, sweep) reads the prompts' encodings from disk: no ChatGLM load,
+    the same tensors bit for bit; another ChatGLM (a changed file) misses the cache."""
+    first = G.KolorsRenderer(kolors_root, "cpu", prompt_cache=tmp_path / "prompts")
+    first.encode(["kstory, 山水", "kstory, 雨"], [""])
+    assert (first.encoded, first.from_cache) == (3, 0)
+    assert len(list((tmp_path / "prompts").glob("*.safetensors"))) == 3
+    again = G.KolorsRenderer(kolors_root, "cpu", prompt_cache=tmp_path / "prompts")
+    again.encode(["kstory, 雨", "kstory, 山水"], [""])
+    assert (again.encoded, again.from_cache) == (0, 3)
+    assert str(kolors_root / "text_encoder") not in again.load_log and again.pipe.text_encoder_kolors is None
+    assert str(kolors_root / "text_encoder") in first.load_log  # (the check can see a load)
+    for key, tensors in first.cache.items():
+        assert all(torch.equal(tensors[k], again.cache[key][k]) for k in tensors)
+    one_new = G.KolorsRenderer(kolors_root, "cpu", prompt_cache=tmp_path / "prompts")
+    one_new.encode(["kstory, 山水", "kstory, 雪"], [""])
+    assert (one_new.encoded, one_new.from_cache) == (1, 2)
+    other = tmp_path / "other-kolors"
+    shutil.copytree(kolors_root, other)
+    config = other / "text_encoder" / "config.json"
+    config.write_text(config.read_text(encoding="utf-8") + " ", encoding="utf-8")
+    changed = G.KolorsRenderer(other, "cpu", prompt_cache=tmp_path / "prompts")
+    changed.encode(["kstory, 山水"], [""])
+    assert (changed.encoded, changed.from_cache) == (2, 0)
 
 
 @pytest.fixture(scope="module")

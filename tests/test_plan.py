@@ -120,8 +120,8 @@ def test_renderer_encodes_where_the_plan_puts_chatglm(tiny_cfg: Config) -> None:
     root = kolors_paths(tiny_cfg).root
     text = Placement("storyboard-encode", "text_encoder", "cpu", "bfloat16", 0.0)
     renderer = KolorsRenderer(root, "cpu", torch.float32, True, text)
-    assert next(renderer.pipe.text_encoder_kolors.parameters()).dtype == torch.bfloat16
     renderer.encode(["kstory, 山水"], [""])
+    assert {v.dtype for v in renderer.cache[("kstory, 山水", True, 1, 2)].values()} == {torch.bfloat16}
     emb = renderer.pipe.encode_prompt("kstory, 山水", positive=True)
     assert {v.dtype for v in emb.values() if isinstance(v, torch.Tensor)} == {torch.float32}
     image = renderer.render("kstory, 山水", "", seed=0, steps=1, cfg_scale=2.0, width=64, height=64)
