@@ -59,9 +59,9 @@ ACTIVATIONS_1024 = {
 CUDA_RESERVE_GIB = 0.75
 # ChatGLM3-6B on one 256-token prompt: 2 x params x tokens FLOPs (DiffSynth pads to 256)
 TEXT_FLOPS_PER_PROMPT = 2 * PARAMS["text_encoder"] * 256
-# bf16 GEMM throughput assumed for an 8-core desktop CPU (not measured; the rehearsal measured
-# ~18 GFLOP/s effective on a 2-core machine shared with other jobs: docs/benchmarks.md)
-CPU_GFLOPS = 200.0
+# bf16 GEMM throughput of ChatGLM on a CPU: measured ~165 GFLOP/s (~20 s/prompt) on 2 cores with
+# AVX-512 bf16 in the full-size rehearsal (docs/benchmarks.md); CPUs without it are several times slower
+CPU_GFLOPS = 165.0
 
 # caching runs ChatGLM over the captions, frees it, then the VAE encoder over the images
 PHASES = ("cache-captions", "cache-latents", "train", "validate", "storyboard-encode", "storyboard-denoise", "score")
@@ -234,7 +234,7 @@ def _text_encoder(cfg: Config, hw: Hardware, gpu: bool, half: str, budget: float
         return Placement(phase, "text_encoder", "cuda", "int8", round(int8, 2), "bitsandbytes LLM.int8")
     secs = cpu_seconds_per_prompt()
     return Placement(phase, "text_encoder", "cpu", "bfloat16", round(fp16, 2),
-                     f"does not fit the GPU: CPU, ~{secs:.0f} s/prompt on 8 cores (host RAM)")
+                     f"does not fit the GPU: CPU, ~{secs:.0f} s/prompt (2 cores, AVX-512 bf16), once per prompt")
 
 
 def _scaled_params(cfg: Config, model: str) -> int:
