@@ -66,6 +66,20 @@ def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> ar
     return p
 
 
+def build_render_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `render PROMPT [--strength S ...] [--seed N ...]`: one prompt, with the LoRA."""
+    p = add_common(_parser(parser, "render", "render one prompt at one or more LoRA strengths and seeds"))
+    p.add_argument("prompt", help="the prompt (the trigger word is put first, as for the storyboard)")
+    p.add_argument("--strength", type=float, nargs="+", default=None, metavar="S",
+                   help="LoRA strengths, 0 = base model, 1.0 = training scale (default: generate.strength)")
+    p.add_argument("--seed", type=int, nargs="+", default=None, metavar="N", help="seeds (default: the config's)")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="LoRA .safetensors (default: <workdir>/lora/kolors_lora.safetensors)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: as the storyboard)")
+    p.add_argument("--name", default=None, help="output folder under <workdir>/renders (default: from the prompt)")
+    return p
+
+
 def build_score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of `score [DIR] [--gate G] [--strict]` (step 05)."""
     p = _parser(parser, "score", "step 05: aesthetic score per panel, the mean vs the gate, style consistency")

@@ -13,6 +13,7 @@ from kolors_lib.args import (
     add_common,
     build_export_parser,
     build_publish_parser,
+    build_render_parser,
     build_score_parser,
     build_story_parser,
     build_storyboard_parser,
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         "publish", help="step 06: assemble the model page and upload it to ModelScope (--dry-run shows the plan)"))
     build_storyboard_parser(sub.add_parser(
         "storyboard", help="step 04: render the 8-panel story with the LoRA (grid + reproducible manifest)"))
+    build_render_parser(sub.add_parser(
+        "render", help="one prompt at one or more LoRA strengths and seeds (images + grid in <workdir>/renders)"))
     build_story_parser(sub.add_parser(
         "story", help="story files: `story draft SCENES.txt` drafts the 8 prompts with an LLM (the camp's template)"))
     build_score_parser(sub.add_parser(
@@ -167,6 +170,15 @@ def _storyboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace) -> int:
+    from kolors_lib.generation import render
+
+    result = render(_config(args), args.prompt, args.strength, args.seed, lora_path=args.lora, steps=args.steps,
+                    name=args.name)
+    print(f"rendered {len(result.files)} image(s) into {result.folder}\ngrid: {result.grid}")
+    return 0
+
+
 def _story(args: argparse.Namespace) -> int:
     """`story draft`: 0 when a story file was written (from the LLM or the template rules)."""
     from kolors_lib.drafting import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, DEFAULT_MODEL, DEFAULT_TIMEOUT, draft_story
@@ -210,7 +222,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"tiny-kolors": _tiny_kolors, "plan": _plan, "models": _models, "data": _data, "train": _train,
-            "storyboard": _storyboard, "story": _story, "score": _score, "publish": _publish, "export-lora": _export}
+            "storyboard": _storyboard, "render": _render, "story": _story, "score": _score, "publish": _publish,
+            "export-lora": _export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,6 @@ word first, as in the training captions; `render_settings` applies the profile's
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +116,10 @@ def load_story(path: str | Path, count_notice: bool = True) -> Story:
     if problems:
         raise StoryError(f"{path}: " + "; ".join(problems))
     if count_notice and len(scenes) != N_SCENES:
-        print(f"NOTICE: {path} has {len(scenes)} scene(s); the challenge's storyboard has {N_SCENES}: "
-              "it renders as it is", file=sys.stderr)
+        from kolors_lib.console import show  # the learner's console, also inside a step's log
+
+        show(f"NOTICE: {path} has {len(scenes)} scene(s); the challenge's storyboard has {N_SCENES}: "
+             "it renders as it is")
     return Story(str(title), negative.strip(), float(cfg_scale), steps, sizes["width"], sizes["height"],
                  scenes, path.resolve())
 
