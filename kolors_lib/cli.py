@@ -21,6 +21,7 @@ from kolors_lib.args import (
 )
 from kolors_lib.config import Config, load_config, read_yaml
 from kolors_lib.errors import ConfigError, CourseError, PublishError, os_error_line
+from kolors_lib.inputs import lora_file, train_metadata
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,9 +148,11 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    train_metadata(cfg.train_dir)  # before Lightning and torch load (seconds)
     from kolors_lib.training import train_lora
 
-    result = train_lora(_config(args), resume=not args.no_resume, steps=args.steps, rank=args.rank,
+    result = train_lora(cfg, resume=not args.no_resume, steps=args.steps, rank=args.rank,
                         alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         precision=args.precision, resolution=args.resolution, seed=args.seed,
                         save_every=args.save_every)
@@ -159,9 +162,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _storyboard(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    lora_file(args.lora, cfg)  # before torch and DiffSynth load (seconds)
     from kolors_lib.generation import render_storyboard, strength_sweep
 
-    cfg = _config(args)
     result = render_storyboard(cfg, args.story, args.strength, args.lora, candidates=args.candidates)
     print(f"storyboard: {result.grid}")
     print(f"manifest: {result.manifest}")
@@ -171,9 +175,11 @@ def _storyboard(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    lora_file(args.lora, cfg)  # before torch and DiffSynth load (seconds)
     from kolors_lib.generation import render
 
-    result = render(_config(args), args.prompt, args.strength, args.seed, lora_path=args.lora, steps=args.steps,
+    result = render(cfg, args.prompt, args.strength, args.seed, lora_path=args.lora, steps=args.steps,
                     name=args.name)
     print(f"rendered {len(result.files)} image(s) into {result.folder}\ngrid: {result.grid}")
     return 0

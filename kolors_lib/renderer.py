@@ -21,7 +21,6 @@ import torch
 
 from kolors_lib.checks import finite
 from kolors_lib.config import Config
-from kolors_lib.errors import LoraNotFoundError
 from kolors_lib.files import atomic_path
 from kolors_lib.plan import Placement, device_plan, to_int8
 
@@ -73,13 +72,9 @@ def default_lora_path(cfg: Config) -> Path:
 def read_lora(path: str | Path, cfg: Config | None = None, alpha: float | None = None) -> LoraSpec:
     """Parse a LoRA file once; a missing file names the step that makes it. alpha: file metadata, else cfg.lora."""
     from kolors_lib.export import read_lora_spec
+    from kolors_lib.inputs import lora_file
 
-    path = Path(path)
-    if not path.is_file():
-        workdir = f" --workdir {cfg.workdir}" if cfg is not None else ""
-        raise LoraNotFoundError(f"LoRA file not found: {path}; train it first with step 03: "
-                                f"python -m kolors_lib train{workdir}")
-    return read_lora_spec(path, alpha, cfg.lora.alpha if cfg is not None else None)
+    return read_lora_spec(lora_file(path, cfg), alpha, cfg.lora.alpha if cfg is not None else None)
 
 
 def check_lora_against(root: Path, lora: LoraSpec) -> None:

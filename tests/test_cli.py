@@ -83,3 +83,30 @@ def test_a_python_without_the_packages_gets_one_line_pointing_at_the_venv(tmp_pa
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("error: ") and "make setup" in lines[0] and ".venv/bin/python" in lines[0]
     assert "no module named 'yaml'" in lines[0] or has_yaml
+
+
+HEAVY = ("torch", "diffsynth", "lightning", "data_juicer", "transformers")
+# the CLI run in a child that reports which heavy packages were imported once the command ended
+_PROBE = ("import sys\nfrom kolors_lib.cli import main\ncode = main(sys.argv[1:])\n"
+          f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\nsys.exit(code)")
+
+
+@pytest.mark.parametrize("command, says", [
+    (["train"], "run step 02 (data filter) first"),
+    (["storyboard"], "train it first with step 03"),
+    (["render", "山水"], "train it first with step 03"),
+    (["score"], "run step 04"),
+    (["publish", "--repo-id", "alice/kolors", "--dry-run"], "run step 03"),
+    (["data", "filter"], "run step 01 first"),
+])
+def test_missing_inputs_are_reported_at_once_without_heavy_imports(tmp_path: Path, command: list[str],
+                                                                   says: str) -> None:
+    import time
+
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", _PROBE, *command, "--workdir", str(tmp_path / "empty"),
+                          "--profile", "tiny"], capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert out.returncode == 2 and says in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert "HEAVY []" in out.stdout, f"imported before saying what is missing: {out.stdout}"
+    assert seconds < 5, f"{command[0]} took {seconds:.1f} s to say what is missing"
