@@ -41,14 +41,29 @@ def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
 
 
 def build_export_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `export-lora IN --format {diffsynth,diffusers,kohya} OUT [--alpha A]`."""
+    """Arguments of `export-lora [IN] --format {diffsynth,diffusers,kohya} [OUT] [--alpha A]` (+ --workdir...)."""
     p = _parser(parser, "export-lora", "Convert a LoRA file to another naming (same strength meaning)")
-    p.add_argument("src", type=Path, help="LoRA .safetensors (any of the three namings)")
+    p.add_argument("src", type=Path, nargs="?", default=None,
+                   help="LoRA .safetensors, any of the three namings (default: step 03's, <workdir>/lora/)")
     p.add_argument("--format", dest="fmt", choices=LORA_FORMATS, required=True, help="naming to write")
-    p.add_argument("dest", type=Path, help="output .safetensors (or a folder to write into)")
+    p.add_argument("dest", type=Path, nargs="?", default=None,
+                   help="output .safetensors, or a folder to write into (default: <workdir>/lora/)")
     p.add_argument("--alpha", type=float, default=None,
                    help="training LoRA alpha, when a DiffSynth file lacks it in its metadata")
-    return p
+    return add_common(p)
+
+
+def build_tiny_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `tiny-kolors [DIR] [--seed N] [--size full]` (+ --workdir...)."""
+    p = _parser(parser, "tiny-kolors", "write a tiny random-weight Kolors in the real file layout")
+    p.add_argument("dir", type=Path, nargs="?", default=None,
+                   help="folder to write (default: where the tiny profile looks, <workdir>/models/tiny)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="weights seed (default: 0 for DIR; the config's seed, as the tiny profile, without DIR)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite even if the same tiny model is there")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                   help="full: real-size random weights in the exact Kwai-Kolors/Kolors layout (~17 GB, fp16)")
+    return add_common(p)
 
 
 def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

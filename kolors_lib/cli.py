@@ -17,6 +17,7 @@ from kolors_lib.args import (
     build_score_parser,
     build_story_parser,
     build_storyboard_parser,
+    build_tiny_parser,
     build_train_parser,
 )
 from kolors_lib.config import Config, load_config, read_yaml
@@ -29,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kolors_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("tiny-kolors", help="write a tiny random-weight Kolors in the real file layout")
-    tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--overwrite", action="store_true", help="rewrite even if the same tiny model is there")
-    tiny.add_argument("--size", choices=("tiny", "full"), default="tiny",
-                      help="full: real-size random weights in the exact Kwai-Kolors/Kolors layout (~17 GB, fp16)")
+    build_tiny_parser(sub.add_parser("tiny-kolors", help="write a tiny random-weight Kolors in the real file layout"))
 
     plan = sub.add_parser("plan", help="which model runs where, in which dtype, with how much memory (loads nothing)")
     add_common(plan)
@@ -80,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse a list of arguments (the process's own when None)."""
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Python 3.11's argparse gives both optional positionals of `export-lora IN --format F OUT` to the
+    # first chunk (IN, and nothing as OUT), leaving OUT over: it is OUT
+    if args.command == "export-lora" and args.dest is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.dest, extra = Path(extra[0]), []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -91,13 +95,19 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _tiny_kolors(args: argparse.Namespace) -> int:
-    """`--size full` writes a real-size random Kolors in the download's layout, else the tiny one."""
+    """`--size full` writes a real-size random Kolors in the download's layout, else the tiny one (default
+    folder: the config's tiny models folder, with its seed, which the tiny profile then finds)."""
     if args.size == "full":
         from kolors_lib.fullsize import write_full_kolors as write_kolors
     else:
         from kolors_lib.tiny import write_tiny_kolors as write_kolors
 
-    out = write_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
+    if args.dir is None and args.size == "full":
+        raise ConfigError("tiny-kolors --size full needs DIR: where to write the ~17 GB of random weights")
+    cfg = _config(args) if args.dir is None else None
+    folder = args.dir if cfg is None else cfg.tiny_models_dir  # where the tiny profile looks
+    seed = args.seed if args.seed is not None else (0 if cfg is None else cfg.seed)
+    out = write_kolors(folder, seed=seed, overwrite=args.overwrite)
     print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
     return 0
 
@@ -221,9 +231,16 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """IN defaults to the work dir's trained LoRA, OUT to the work dir's lora/ folder."""
+    cfg = _config(args) if args.src is None or args.dest is None else None
+    src = args.src if args.src is not None else lora_file(None, cfg)
+    dest = args.dest
+    if dest is None:
+        dest = cfg.lora_dir
+        dest.mkdir(parents=True, exist_ok=True)  # a folder: the export is named after IN inside it
     from kolors_lib.export import export_lora
 
-    print(export_lora(args.src, args.fmt, args.dest, alpha=args.alpha))
+    print(export_lora(src, args.fmt, dest, alpha=args.alpha))
     return 0
 
 

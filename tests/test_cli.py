@@ -110,3 +110,28 @@ def test_missing_inputs_are_reported_at_once_without_heavy_imports(tmp_path: Pat
     assert out.returncode == 2 and says in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert "HEAVY []" in out.stdout, f"imported before saying what is missing: {out.stdout}"
     assert seconds < 5, f"{command[0]} took {seconds:.1f} s to say what is missing"
+
+
+def test_tiny_kolors_and_export_lora_take_the_common_options(tmp_path: Path) -> None:
+    """`tiny-kolors` and `export-lora` take --workdir/--config/--profile like the step commands."""
+    work = tmp_path / "w"
+    tiny = _cli("tiny-kolors", "--workdir", str(work), "--profile", "tiny")
+    assert tiny.returncode == 0, tiny.stderr
+    written = json.loads(tiny.stdout)
+    assert Path(written["kolors"]).is_relative_to(work / "models" / "tiny")
+    assert (Path(written["kolors"]) / "unet").is_dir()
+    missing = _cli("export-lora", "--format", "kohya", "--workdir", str(work), "--profile", "tiny")
+    assert missing.returncode == 2 and "train it first with step 03" in missing.stderr
+    import torch
+
+    from kolors_lib.export import detect_format, load_lora, save_lora
+
+    unet = "blocks.7.transformer_blocks.0.attn1.to_q"
+    state = {f"{unet}.lora_A.default.weight": torch.ones(4, 32), f"{unet}.lora_B.default.weight": torch.ones(32, 4)}
+    save_lora(state, work / "lora" / "kolors_lora.safetensors", {"rank": "4", "alpha": "4"})
+    done = _cli("export-lora", "--format", "kohya", "--workdir", str(work), "--profile", "tiny")
+    assert done.returncode == 0, done.stderr
+    out = work / "lora" / "kolors_lora.kohya.safetensors"
+    assert Path(done.stdout.strip().splitlines()[-1]) == out and detect_format(load_lora(out)[0]) == "kohya"
+    full = _cli("tiny-kolors", "--size", "full", "--workdir", str(work))
+    assert full.returncode == 2 and "needs DIR" in full.stderr
