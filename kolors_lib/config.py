@@ -491,3 +491,8 @@ def _from_dict(
         ))
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+__all__ = ["Config", "DataConfig", "FilterConfig", "GenerateConfig", "LoraConfig", "ModelSource", "ModelsConfig",
+           "ScoreConfig", "TrainConfig", "apply_overrides", "deep_merge", "load_config", "nest_overrides",
+           "panel_file", "read_yaml", "resolve_profile"]

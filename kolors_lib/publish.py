@@ -386,3 +386,6 @@ def publish(cfg: Config, repo_id: str, dry_run: bool = True, token: str | None =
         return _upload(repo_id, folder, files, token, private, commit_message)
     except PublishError as err:
         raise PublishError(_redact(str(err), token)) from None
+
+
+__all__ = ["PublishResult", "assemble", "plan", "publish", "validate_repo_id"]

@@ -363,3 +363,7 @@ class KolorsRenderer:
 def _encode_one(pipe: Any, prompt: str, positive: bool) -> dict[str, torch.Tensor]:
     """DiffSynth's own SDXLImagePipeline.encode_prompt (the class method, not the cache)."""
     return type(pipe).encode_prompt(pipe, prompt, clip_skip=1, clip_skip_2=2, positive=positive)
+
+
+__all__ = ["KolorsRenderer", "LoraMerger", "check_lora_against", "checked_strength", "default_dtype",
+           "default_lora_path", "read_lora", "save_png"]

@@ -528,3 +528,7 @@ def _fit(cfg: Config, plan: Plan, module: KolorsLoraModule, report: CacheReport,
         run.close()
 
 
+# the learner's API; KolorsLoraModule (a LightningModule) stays importable but out of help(), which would
+# otherwise list Lightning's ~2,900 lines of inherited methods
+__all__ = ["TrainResult", "add_time_ids", "checkpoint_dir", "inject_lora", "list_checkpoints", "load_unet",
+           "lora_metadata", "make_scheduler", "read_loss_csv", "total_steps", "train_lora", "training_overrides"]
