@@ -68,7 +68,7 @@ def build_tiny_parser(parser: argparse.ArgumentParser | None = None) -> argparse
 
 def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of `storyboard` (step 04)."""
-    p = add_common(_parser(parser, "storyboard", "step 04: render the 8-panel storyboard"))
+    p = add_common(_parser(parser, "storyboard", "step 04: render the storyboard, a panel per scene"))
     p.add_argument("--story", type=Path, default=None, help="story YAML (default: generate.story)")
     p.add_argument("--strength", type=float, default=None,
                    help="LoRA strength, 1.0 = training scale alpha/rank (default: generate.strength)")
@@ -77,7 +77,7 @@ def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> ar
     p.add_argument("--sweep", action="store_true", help="also render scene 1 at generate.sweep_strengths")
     p.add_argument("--candidates", type=int, default=None,
                    help="best-of-N: draft N seeds per scene, keep the best by score and consistency "
-                        "(cost N x 8 x draft steps; default: generate.candidates, 1)")
+                        "(cost N x scenes x draft steps; default: generate.candidates, 1)")
     return p
 
 

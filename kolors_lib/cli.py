@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_publish_parser(sub.add_parser(
         "publish", help="step 06: assemble the model page and upload it to ModelScope (--dry-run shows the plan)"))
     build_storyboard_parser(sub.add_parser(
-        "storyboard", help="step 04: render the 8-panel story with the LoRA (grid + reproducible manifest)"))
+        "storyboard", help="step 04: render the story with the LoRA, a panel per scene (grid + manifest)"))
     build_render_parser(sub.add_parser(
         "render", help="one prompt at one or more LoRA strengths and seeds (images + grid in <workdir>/renders)"))
     build_story_parser(sub.add_parser(
