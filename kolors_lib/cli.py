@@ -23,6 +23,7 @@ from kolors_lib.args import (
 from kolors_lib.config import Config, load_config, read_yaml
 from kolors_lib.errors import ConfigError, CourseError, PublishError, os_error_line
 from kolors_lib.inputs import lora_file, train_metadata
+from kolors_lib.story import load_story
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +174,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _storyboard(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    load_story(args.story or cfg.generate.story, count_notice=False)  # as the step checks them: story, then LoRA,
     lora_file(args.lora, cfg)  # before torch and DiffSynth load (seconds)
     from kolors_lib.generation import render_storyboard, strength_sweep
 
