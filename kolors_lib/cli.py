@@ -22,7 +22,8 @@ from kolors_lib.args import (
 )
 from kolors_lib.config import Config, load_config, read_yaml
 from kolors_lib.errors import ConfigError, CourseError, PublishError, os_error_line
-from kolors_lib.inputs import lora_file, train_metadata
+from kolors_lib.inputs import lora_file, train_metadata, training_overrides
+from kolors_lib.lock import step_lock
 from kolors_lib.story import load_story
 
 
@@ -160,13 +161,16 @@ def _data(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    train_metadata(cfg.train_dir)  # before Lightning and torch load (seconds)
+    settings = {"steps": args.steps, "rank": args.rank, "alpha": args.alpha, "lr": args.lr,
+                "batch_size": args.batch_size, "grad_accum": args.grad_accum, "precision": args.precision,
+                "resolution": args.resolution, "seed": args.seed, "save_every": args.save_every}
+    # what train_lora checks first (settings, another train running, step 02's data), before Lightning loads
+    training_overrides(cfg, settings)
+    with step_lock(cfg.workdir, "train"):
+        train_metadata(cfg.train_dir)
     from kolors_lib.training import train_lora
 
-    result = train_lora(cfg, resume=not args.no_resume, steps=args.steps, rank=args.rank,
-                        alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        precision=args.precision, resolution=args.resolution, seed=args.seed,
-                        save_every=args.save_every)
+    result = train_lora(cfg, resume=not args.no_resume, **settings)
     last = result.losses[-1][1] if result.losses else float("nan")
     print(f"{result} (final loss {last:.4f}, {result.seconds:.1f} s)\nloss log: {result.loss_csv}")
     return 0

@@ -1,4 +1,4 @@
-"""Each step's input files, checked before any heavy import (torch, DiffSynth, Lightning).
+"""Each step's inputs (files, and the train command's settings), checked before any heavy import.
 
 The one place for the "run step NN first" errors of missing inputs: the steps call these, and the
 command line calls them before importing the step, so a learner hears what is missing in a second.
@@ -7,12 +7,15 @@ command line calls them before importing the step, so a learner hears what is mi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from kolors_lib.config import Config
+from kolors_lib.config import Config, apply_overrides
 from kolors_lib.errors import LoraNotFoundError, TrainingError
 from kolors_lib.files import recover_folder
 
-__all__ = ["lora_file", "train_metadata"]
+__all__ = ["lora_file", "train_metadata", "training_overrides"]
+_SHORT_NAMES = {"rank": "lora.rank", "alpha": "lora.alpha", "lr": "train.learning_rate",
+                "learning_rate": "train.learning_rate", "resolution": "resolution", "seed": "seed", "device": "device"}
 
 
 def lora_file(path: str | Path | None, cfg: Config | None = None) -> Path:
@@ -33,3 +36,9 @@ def train_metadata(train_dir: Path) -> Path:
     if not meta.is_file():
         raise TrainingError(f"{meta} not found: run step 02 (data filter) first")
     return meta
+
+
+def training_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """cfg with train_lora's keyword overrides (steps, batch_size..., rank, alpha, lr) by config's one route."""
+    named = {_SHORT_NAMES.get(k) or (k if "." in k else f"train.{k}"): v for k, v in overrides.items()}
+    return apply_overrides(cfg, named)
