@@ -41,19 +41,34 @@ def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
 
 
 def build_export_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `export-lora IN --format {diffsynth,diffusers,kohya} OUT [--alpha A]`."""
+    """Arguments of `export-lora [IN] --format {diffsynth,diffusers,kohya} [OUT] [--alpha A]` (+ --workdir...)."""
     p = _parser(parser, "export-lora", "Convert a LoRA file to another naming (same strength meaning)")
-    p.add_argument("src", type=Path, help="LoRA .safetensors (any of the three namings)")
+    p.add_argument("src", type=Path, nargs="?", default=None,
+                   help="LoRA .safetensors, any of the three namings (default: step 03's, <workdir>/lora/)")
     p.add_argument("--format", dest="fmt", choices=LORA_FORMATS, required=True, help="naming to write")
-    p.add_argument("dest", type=Path, help="output .safetensors (or a folder to write into)")
+    p.add_argument("dest", type=Path, nargs="?", default=None,
+                   help="output .safetensors, or a folder to write into (default: <workdir>/lora/)")
     p.add_argument("--alpha", type=float, default=None,
                    help="training LoRA alpha, when a DiffSynth file lacks it in its metadata")
-    return p
+    return add_common(p)
+
+
+def build_tiny_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `tiny-kolors [DIR] [--seed N] [--size full]` (+ --workdir...)."""
+    p = _parser(parser, "tiny-kolors", "write a tiny random-weight Kolors in the real file layout")
+    p.add_argument("dir", type=Path, nargs="?", default=None,
+                   help="folder to write (default: where the tiny profile looks, <workdir>/models/tiny)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="weights seed (default: 0 for DIR; the config's seed, as the tiny profile, without DIR)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite even if the same tiny model is there")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                   help="full: real-size random weights in the exact Kwai-Kolors/Kolors layout (~17 GB, fp16)")
+    return add_common(p)
 
 
 def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of `storyboard` (step 04)."""
-    p = add_common(_parser(parser, "storyboard", "step 04: render the 8-panel storyboard"))
+    p = add_common(_parser(parser, "storyboard", "step 04: render the storyboard, a panel per scene"))
     p.add_argument("--story", type=Path, default=None, help="story YAML (default: generate.story)")
     p.add_argument("--strength", type=float, default=None,
                    help="LoRA strength, 1.0 = training scale alpha/rank (default: generate.strength)")
@@ -62,7 +77,21 @@ def build_storyboard_parser(parser: argparse.ArgumentParser | None = None) -> ar
     p.add_argument("--sweep", action="store_true", help="also render scene 1 at generate.sweep_strengths")
     p.add_argument("--candidates", type=int, default=None,
                    help="best-of-N: draft N seeds per scene, keep the best by score and consistency "
-                        "(cost N x 8 x draft steps; default: generate.candidates, 1)")
+                        "(cost N x scenes x draft steps; default: generate.candidates, 1)")
+    return p
+
+
+def build_render_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `render PROMPT [--strength S ...] [--seed N ...]`: one prompt, with the LoRA."""
+    p = add_common(_parser(parser, "render", "render one prompt at one or more LoRA strengths and seeds"))
+    p.add_argument("prompt", help="the prompt (the trigger word is put first, as for the storyboard)")
+    p.add_argument("--strength", type=float, nargs="+", default=None, metavar="S",
+                   help="LoRA strengths, 0 = base model, 1.0 = training scale (default: generate.strength)")
+    p.add_argument("--seed", type=int, nargs="+", default=None, metavar="N", help="seeds (default: the config's)")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="LoRA .safetensors (default: <workdir>/lora/kolors_lora.safetensors)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: as the storyboard)")
+    p.add_argument("--name", default=None, help="output folder under <workdir>/renders (default: from the prompt)")
     return p
 
 

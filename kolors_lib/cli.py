@@ -13,13 +13,18 @@ from kolors_lib.args import (
     add_common,
     build_export_parser,
     build_publish_parser,
+    build_render_parser,
     build_score_parser,
     build_story_parser,
     build_storyboard_parser,
+    build_tiny_parser,
     build_train_parser,
 )
 from kolors_lib.config import Config, load_config, read_yaml
 from kolors_lib.errors import ConfigError, CourseError, PublishError, os_error_line
+from kolors_lib.inputs import lora_file, train_metadata, training_overrides
+from kolors_lib.lock import step_lock
+from kolors_lib.story import load_story
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,12 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kolors_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("tiny-kolors", help="write a tiny random-weight Kolors in the real file layout")
-    tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--overwrite", action="store_true", help="rewrite even if the same tiny model is there")
-    tiny.add_argument("--size", choices=("tiny", "full"), default="tiny",
-                      help="full: real-size random weights in the exact Kwai-Kolors/Kolors layout (~17 GB, fp16)")
+    build_tiny_parser(sub.add_parser("tiny-kolors", help="write a tiny random-weight Kolors in the real file layout"))
 
     plan = sub.add_parser("plan", help="which model runs where, in which dtype, with how much memory (loads nothing)")
     add_common(plan)
@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     build_publish_parser(sub.add_parser(
         "publish", help="step 06: assemble the model page and upload it to ModelScope (--dry-run shows the plan)"))
     build_storyboard_parser(sub.add_parser(
-        "storyboard", help="step 04: render the 8-panel story with the LoRA (grid + reproducible manifest)"))
+        "storyboard", help="step 04: render the story with the LoRA, a panel per scene (grid + manifest)"))
+    build_render_parser(sub.add_parser(
+        "render", help="one prompt at one or more LoRA strengths and seeds (images + grid in <workdir>/renders)"))
     build_story_parser(sub.add_parser(
         "story", help="story files: `story draft SCENES.txt` drafts the 8 prompts with an LLM (the camp's template)"))
     build_score_parser(sub.add_parser(
@@ -76,7 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse a list of arguments (the process's own when None)."""
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Python 3.11's argparse gives both optional positionals of `export-lora IN --format F OUT` to the
+    # first chunk (IN, and nothing as OUT), leaving OUT over: it is OUT
+    if args.command == "export-lora" and args.dest is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.dest, extra = Path(extra[0]), []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -87,13 +97,19 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _tiny_kolors(args: argparse.Namespace) -> int:
-    """`--size full` writes a real-size random Kolors in the download's layout, else the tiny one."""
+    """`--size full` writes a real-size random Kolors in the download's layout, else the tiny one (default
+    folder: the config's tiny models folder, with its seed, which the tiny profile then finds)."""
     if args.size == "full":
         from kolors_lib.fullsize import write_full_kolors as write_kolors
     else:
         from kolors_lib.tiny import write_tiny_kolors as write_kolors
 
-    out = write_kolors(args.dir, seed=args.seed, overwrite=args.overwrite)
+    if args.dir is None and args.size == "full":
+        raise ConfigError("tiny-kolors --size full needs DIR: where to write the ~17 GB of random weights")
+    cfg = _config(args) if args.dir is None else None
+    folder = args.dir if cfg is None else cfg.tiny_models_dir  # where the tiny profile looks
+    seed = args.seed if args.seed is not None else (0 if cfg is None else cfg.seed)
+    out = write_kolors(folder, seed=seed, overwrite=args.overwrite)
     print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
     return 0
 
@@ -144,26 +160,44 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    settings = {"steps": args.steps, "rank": args.rank, "alpha": args.alpha, "lr": args.lr,
+                "batch_size": args.batch_size, "grad_accum": args.grad_accum, "precision": args.precision,
+                "resolution": args.resolution, "seed": args.seed, "save_every": args.save_every}
+    # what train_lora checks first (settings, another train running, step 02's data), before Lightning loads
+    training_overrides(cfg, settings)
+    with step_lock(cfg.workdir, "train"):
+        train_metadata(cfg.train_dir)
     from kolors_lib.training import train_lora
 
-    result = train_lora(_config(args), resume=not args.no_resume, steps=args.steps, rank=args.rank,
-                        alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        precision=args.precision, resolution=args.resolution, seed=args.seed,
-                        save_every=args.save_every)
+    result = train_lora(cfg, resume=not args.no_resume, **settings)
     last = result.losses[-1][1] if result.losses else float("nan")
     print(f"{result} (final loss {last:.4f}, {result.seconds:.1f} s)\nloss log: {result.loss_csv}")
     return 0
 
 
 def _storyboard(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    load_story(args.story or cfg.generate.story, count_notice=False)  # as the step checks them: story, then LoRA,
+    lora_file(args.lora, cfg)  # before torch and DiffSynth load (seconds)
     from kolors_lib.generation import render_storyboard, strength_sweep
 
-    cfg = _config(args)
     result = render_storyboard(cfg, args.story, args.strength, args.lora, candidates=args.candidates)
     print(f"storyboard: {result.grid}")
     print(f"manifest: {result.manifest}")
     if args.sweep:
         print(f"sweep: {strength_sweep(cfg, 0, story_path=args.story, lora_path=args.lora)}")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    lora_file(args.lora, cfg)  # before torch and DiffSynth load (seconds)
+    from kolors_lib.generation import render
+
+    result = render(cfg, args.prompt, args.strength, args.seed, lora_path=args.lora, steps=args.steps,
+                    name=args.name)
+    print(f"rendered {len(result.files)} image(s) into {result.folder}\ngrid: {result.grid}")
     return 0
 
 
@@ -203,14 +237,22 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """IN defaults to the work dir's trained LoRA, OUT to the work dir's lora/ folder."""
+    cfg = _config(args) if args.src is None or args.dest is None else None
+    src = args.src if args.src is not None else lora_file(None, cfg)
+    dest = args.dest
+    if dest is None:
+        dest = cfg.lora_dir
+        dest.mkdir(parents=True, exist_ok=True)  # a folder: the export is named after IN inside it
     from kolors_lib.export import export_lora
 
-    print(export_lora(args.src, args.fmt, args.dest, alpha=args.alpha))
+    print(export_lora(src, args.fmt, dest, alpha=args.alpha))
     return 0
 
 
 COMMANDS = {"tiny-kolors": _tiny_kolors, "plan": _plan, "models": _models, "data": _data, "train": _train,
-            "storyboard": _storyboard, "story": _story, "score": _score, "publish": _publish, "export-lora": _export}
+            "storyboard": _storyboard, "render": _render, "story": _story, "score": _score, "publish": _publish,
+            "export-lora": _export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -232,8 +232,17 @@ class Config:
 
     @property
     def panel_paths(self) -> list[Path]:
-        """The storyboard's panel files, in story order."""
-        return [self.storyboard_dir / panel_file(i) for i in range(1, N_PANELS + 1)]
+        """The panel files of a story of the challenge's 8 scenes, in story order (see panel_paths_for)."""
+        return self.panel_paths_for(N_PANELS)
+
+    def panel_paths_for(self, count: int) -> list[Path]:
+        """The panel files of a story of `count` scenes, in story order."""
+        return [self.storyboard_dir / panel_file(i) for i in range(1, count + 1)]
+
+    @property
+    def renders_dir(self) -> Path:
+        """`render`'s output: one folder per prompt with its images, grid and render.json."""
+        return self.workdir / "renders"
 
     @property
     def scores_json(self) -> Path:
@@ -487,3 +496,8 @@ def _from_dict(
         ))
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+__all__ = ["Config", "DataConfig", "FilterConfig", "GenerateConfig", "LoraConfig", "ModelSource", "ModelsConfig",
+           "ScoreConfig", "TrainConfig", "apply_overrides", "deep_merge", "load_config", "nest_overrides",
+           "panel_file", "read_yaml", "resolve_profile"]

@@ -466,3 +466,7 @@ def show_images(
     from kolors_lib.pictures import image_grid
 
     return image_grid(paths, titles, cols=cols, thumb=thumb)
+
+
+__all__ = ["ImportResult", "import_dataset", "import_folder", "import_modelscope", "iter_metadata", "read_metadata",
+           "show_images", "to_rgb"]

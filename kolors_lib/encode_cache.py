@@ -23,7 +23,7 @@ import torch
 
 from kolors_lib.config import Config
 from kolors_lib.errors import TrainingError
-from kolors_lib.files import recover_folder, save_safetensors, write_text
+from kolors_lib.files import save_safetensors, write_text
 from kolors_lib.plan import Placement, Plan, device_plan, to_int8
 
 CACHE_VERSION = "1"
@@ -84,9 +84,9 @@ class Sample:
 
 def read_metadata(train_dir: Path) -> list[Sample]:
     """Rows of DiffSynth's train/metadata.csv (file_name,text)."""
-    meta = recover_folder(train_dir) / "metadata.csv"  # a swap killed half-way is undone first
-    if not meta.is_file():
-        raise TrainingError(f"{meta} not found: run step 02 (data filter) first")
+    from kolors_lib.inputs import train_metadata
+
+    meta = train_metadata(train_dir)
     with open(meta, newline="", encoding="utf-8") as f:
         rows = [Sample(r["file_name"], r.get("text") or "") for r in csv.DictReader(f)]
     if not rows:

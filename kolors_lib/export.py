@@ -481,3 +481,8 @@ def merge_pairs(unet: torch.nn.Module, pairs: Mapping[str, LoraPair], strength: 
             delta = float(strength) * pair.delta().to(weight.device)
             weight.copy_((weight.float() + delta).to(weight.dtype))
     return len(pairs)
+
+
+__all__ = ["LoraPair", "LoraSpec", "check_lora_fits", "convert_lora", "detect_format", "diffsynth_lora_alpha",
+           "export_lora", "load_lora", "merge_lora", "merge_pairs", "parse_lora", "read_lora_spec", "render_lora",
+           "save_lora"]

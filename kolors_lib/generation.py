@@ -1,13 +1,14 @@
-"""Step 04: render the 8-panel storyboard with Kolors + the trained LoRA (DiffSynth 1.1.9).
+"""Step 04: render the storyboard (the challenge's 8 panels) with Kolors + the trained LoRA (DiffSynth 1.1.9).
 
 How a storyboard is rendered (`render_storyboard`):
 
-1. The story file is read and validated (8 scenes, prompts, seeds, sizes) before any model loads.
+1. The story file is read and validated (scenes, prompts, seeds, sizes) before any model loads; a story
+   of other than the challenge's 8 scenes renders too, with a notice.
 2. The LoRA file is read (a missing file says to run step 03) and checked against the UNet: a LoRA
    that does not fit fails before anything is encoded or denoised.
 3. Kolors is loaded from the profile and the LoRA merged at `strength` (1.0 = the training scale
    alpha/rank, see :mod:`kolors_lib.export`).
-4. **Phase 1, text:** ChatGLM encodes the 8 prompts and the negative prompt, once each. Then it is
+4. **Phase 1, text:** ChatGLM encodes the scenes' prompts and the negative prompt, once each. Then it is
    released (moved off the GPU, its references dropped, the CUDA cache emptied), so the GPU holds
    ChatGLM (11.6 GiB fp16) *or* UNet + VAE (4.9 GiB), never both: peak = max of the phases, not the sum.
    With a CUDA device the models are loaded on the CPU and each phase moves only what it needs.
@@ -15,21 +16,20 @@ How a storyboard is rendered (`render_storyboard`):
    (scheduler, CFG, add_time_ids, seeded latents, VAE decode: all stock) whose `encode_prompt` is
    replaced by a look-up in the phase-1 embeddings. Same seed -> same pixels as a plain pipeline call.
 
-Outputs in `cfg.storyboard_dir`: panel_01.png .. panel_08.png, storyboard.png (2x4 grid with
-captions) and manifest.json (everything needed to re-render a panel, see `reproduce`).
+Outputs in `cfg.storyboard_dir`: panel_01.png .. panel_08.png (one per scene), storyboard.png (a grid of
+4 columns with captions) and manifest.json (everything needed to re-render a panel, see `reproduce`).
+
+`render` draws one prompt at one or more strengths and seeds (cfg.renders_dir); `strength_sweep` one
+scene at several strengths; `refine` re-renders a picture (img2img). The renderer and the LoRA merger
+live in :mod:`kolors_lib.renderer` (importable from here too).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import io
 import json
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,10 +39,21 @@ from kolors_lib.checks import finite, image_side
 from kolors_lib.config import GRID_FILE, LORA_FILE, MANIFEST_FILE, Config, panel_file
 from kolors_lib.console import logged_step
 from kolors_lib.devices import resolve_device
-from kolors_lib.errors import LoraNotFoundError, MissingInputError, StoryError
-from kolors_lib.files import atomic_path, save_safetensors, sha256_file, write_json
+from kolors_lib.errors import ConfigError, LoraNotFoundError, MissingInputError, StoryError
+from kolors_lib.files import atomic_path, sha256_file, write_json
 from kolors_lib.lock import one_writer
-from kolors_lib.plan import Placement, device_plan, to_int8
+from kolors_lib.renderer import (
+    KolorsRenderer,
+    LoraMerger,
+    _dtype_name,
+    _version,
+    check_lora_against,
+    checked_strength,
+    default_dtype,
+    default_lora_path,
+    read_lora,
+    save_png,
+)
 from kolors_lib.story import (
     SIZE_MULTIPLE,
     RenderSettings,
@@ -66,403 +77,6 @@ SWEEP_NAME = "sweep.png"
 LORA_NAME = LORA_FILE  # what step 03 writes into cfg.lora_dir
 MANIFEST_VERSION = 1
 # families that carry Chinese glyphs; any installed font with every glyph needed is accepted too
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def save_png(image: Image.Image, path: Path) -> Path:
-    """Write a PNG atomically."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-    return path
-
-
-def default_dtype(device: str) -> torch.dtype:
-    """fp16 on a GPU (DiffSynth's VAE decoder upcasts itself), fp32 on the CPU."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib_metadata.version(package)
-    except importlib_metadata.PackageNotFoundError:
-        return None
-
-
-def _quiet(items: Any) -> Any:
-    """A progress_bar_cmd for DiffSynth that shows nothing (the panel bar is ours)."""
-    return items
-
-
-# ---------------------------------------------------------------- LoRA
-
-
-def default_lora_path(cfg: Config) -> Path:
-    """Where step 03 writes the trained LoRA."""
-    return cfg.lora_path
-
-
-def read_lora(path: str | Path, cfg: Config | None = None, alpha: float | None = None) -> LoraSpec:
-    """Parse a LoRA file once; a missing file names the step that makes it. alpha: file metadata, else cfg.lora."""
-    from kolors_lib.export import read_lora_spec
-
-    path = Path(path)
-    if not path.is_file():
-        workdir = f" --workdir {cfg.workdir}" if cfg is not None else ""
-        raise LoraNotFoundError(f"LoRA file not found: {path}; train it first with step 03: "
-                                f"python -m kolors_lib train{workdir}")
-    return read_lora_spec(path, alpha, cfg.lora.alpha if cfg is not None else None)
-
-
-def check_lora_against(root: Path, lora: LoraSpec) -> None:
-    """Raise LoraMismatchError naming keys when `lora` does not fit the UNet in `root` (weights not loaded)."""
-    from kolors_lib.export import check_lora_fits
-    from kolors_lib.models import KolorsPaths, unet_skeleton
-
-    check_lora_fits(unet_skeleton(KolorsPaths.from_root(root).unet), lora.pairs)
-
-
-def checked_strength(value: Any) -> float:
-    """A LoRA strength: finite (NaN would render black panels); a negative one works but gets a notice."""
-    strength = finite(value, "strength")
-    if strength < 0:
-        print(f"NOTICE: strength {strength:g} is negative: the LoRA's style is subtracted, not added",
-              file=sys.stderr)
-    return strength
-
-
-class LoraMerger:
-    """Merges a LoRA into a UNet at a strength; `set(s)` again restores the base first (for sweeps)."""
-
-    def __init__(self, unet: torch.nn.Module, lora: LoraSpec, keep_base: bool = False) -> None:
-        from kolors_lib.export import check_lora_fits
-
-        self.unet, self.lora = unet, lora
-        self.pairs = lora.pairs
-        check_lora_fits(unet, self.pairs)  # raises LoraMismatchError naming keys, before any denoising
-        params = dict(unet.named_parameters())
-        self._base = ({m: params[f"{m}.weight"].detach().to("cpu", copy=True) for m in self.pairs}
-                      if keep_base else None)
-        self.strength = 0.0
-
-    def set(self, strength: float) -> None:
-        """W = W_base + strength·(alpha/rank)·B·A, exactly as export.merge_lora computes it."""
-        from kolors_lib.export import merge_pairs
-
-        if self.strength != 0.0:
-            if self._base is None:
-                raise RuntimeError("LoraMerger(keep_base=False) merges once; build it with keep_base=True")
-            params = dict(self.unet.named_parameters())
-            with torch.no_grad():
-                for module, weight in self._base.items():
-                    params[f"{module}.weight"].copy_(weight)
-        if strength != 0.0:
-            merge_pairs(self.unet, self.pairs, strength)
-        self.strength = float(strength)
-
-
-# ---------------------------------------------------------------- the two-phase renderer
-
-
-@contextlib.contextmanager
-def _no_transformers_bars() -> Iterator[None]:
-    """Hide transformers' "Loading checkpoint shards" bar while models load (restored after)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
-def _cuda(device: str) -> bool:
-    return torch.device(device).type == "cuda"
-
-
-def _peak_reset(device: str) -> None:
-    if _cuda(device):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak(device: str) -> int | None:
-    return int(torch.cuda.max_memory_allocated()) if _cuda(device) else None
-
-
-class KolorsRenderer:
-    """DiffSynth's Kolors pipeline run in two phases: encode every prompt, release ChatGLM, denoise.
-
-    `encode()` fills a prompt -> embeddings cache; `render()` calls the stock
-    `SDXLImagePipeline.__call__` with `encode_prompt` answered from that cache, so the denoising
-    is DiffSynth's own code and ChatGLM is never called (nor needed in memory) while it runs.
-    """
-
-    def __init__(self, root: Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                 offload_text_encoder: bool = True, text: Placement | None = None, tiled: bool = False,
-                 prompt_cache: Path | None = None) -> None:
-        from kolors_lib.compat import patch_torchvision
-        from kolors_lib.models import KolorsPaths, load_model_manager
-
-        patch_torchvision()
-        from diffsynth import SDXLImagePipeline
-
-        self.root = Path(root)
-        self.device = device
-        self.dtype = dtype or default_dtype(device)
-        self.offload = offload_text_encoder
-        # offloaded, ChatGLM may sit elsewhere than the UNet (the CPU, or int8 on a small GPU)
-        self.text = text if offload_text_encoder else None
-        self.text_device = self.text.device if self.text else device
-        self.text_dtype = self.text.torch_dtype if self.text else self.dtype
-        self.tiled = tiled
-        self.paths = KolorsPaths.from_root(self.root)
-        # offloading: ChatGLM loads only when a prompt is missing from the cache, and the UNet and VAE
-        # only after it is released, so neither host RAM nor GPU memory ever holds both; on a GPU
-        # each phase loads on the CPU, then moves over
-        self.load_device = "cpu" if offload_text_encoder and _cuda(device) else device
-        files = [] if offload_text_encoder else [self.paths.text_encoder, self.paths.unet, self.paths.vae]
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log), _no_transformers_bars():  # DiffSynth prints lines per model
-            self.manager = load_model_manager(files, device=self.load_device, dtype=self.text_dtype)
-            self.pipe = SDXLImagePipeline.from_model_manager(self.manager, device=device)
-            self.pipe.torch_dtype = self.dtype  # latents in the UNet's dtype, whatever ChatGLM's is
-        self.load_log = log.getvalue()
-        if offload_text_encoder:
-            from kolors_lib.architecture import kolors_scheduler
-
-            self.pipe.scheduler = kolors_scheduler()  # what DiffSynth switches to when it sees ChatGLM
-        elif self.pipe.text_encoder_kolors is None:
-            raise RuntimeError(f"{self.root}: DiffSynth found no Kolors ChatGLM there")
-        self.cache: dict[tuple[str, bool, int, int], dict[str, torch.Tensor]] = {}
-        self.prompt_cache = Path(prompt_cache) if prompt_cache else None
-        self.text_id = ""  # ChatGLM's identity, read when the prompt cache is first used
-        self.can_encode, self.text_encoder_released = True, False
-        self.encoded, self.from_cache = 0, 0  # prompts run through ChatGLM / read from the prompt cache
-        self.peak_memory: dict[str, int | None] = {}
-        self.pipe.encode_prompt = self._cached_prompt  # instance attribute shadows the method
-
-    @classmethod
-    def for_config(cls, cfg: Config, root: Path) -> KolorsRenderer:
-        """The renderer with every model where the device plan puts it."""
-        plan = device_plan(cfg)
-        unet = plan.get("storyboard-denoise", "unet")
-        return cls(root, unet.device, unet.torch_dtype, cfg.generate.offload_text_encoder,
-                   plan.get("storyboard-encode", "text_encoder"), plan.tiled_vae, cfg.prompt_cache_dir)
-
-    @classmethod
-    def around_unet(cls, root: Path, unet: torch.nn.Module, embeddings: dict[tuple[str, bool], dict[str, torch.Tensor]],
-                    device: str, tiled: bool = False) -> KolorsRenderer:
-        """A renderer for a UNet already in memory (training's) with prompts encoded elsewhere (its cache).
-
-        No ChatGLM is loaded: `embeddings` ((prompt, positive) -> encode_prompt output) answer the
-        pipeline, which gets Kolors' scheduler (what DiffSynth switches to with ChatGLM) and `root`'s VAE
-        (tiled when the device plan says so: `tiled`).
-        """
-        from diffsynth import SDXLImagePipeline
-
-        from kolors_lib.architecture import kolors_scheduler
-        from kolors_lib.models import KolorsPaths, load_model_manager
-
-        self = cls.__new__(cls)
-        self.root, self.device, self.offload = Path(root), device, True
-        self.dtype = next(unet.parameters()).dtype
-        self.text_device, self.text_dtype, self.tiled = device, self.dtype, tiled
-        self.paths, self.load_device = KolorsPaths.from_root(self.root), device
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            self.manager = load_model_manager([self.paths.vae], device=device, dtype=self.dtype)
-            self.pipe = SDXLImagePipeline.from_model_manager(self.manager, device=device)
-        self.load_log = log.getvalue()
-        self.pipe.scheduler, self.pipe.unet = kolors_scheduler(), unet
-        self.cache = {(p, positive, 1, 2): {k: v[None].to(device, self.dtype) for k, v in e.items()}
-                      for (p, positive), e in embeddings.items()}
-        self.text_encoder_released, self.peak_memory = True, {}
-        self.can_encode, self.prompt_cache, self.encoded, self.from_cache = False, None, 0, 0
-        self.pipe.encode_prompt = self._cached_prompt
-        return self
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        """DiffSynth's Kolors UNet (merge LoRAs here); loaded on first use when offloading."""
-        self._load_denoiser()
-        return self.pipe.unet
-
-    def _load_denoiser(self) -> None:
-        """Phase 2 models (UNet + VAE) into the Kolors-mode pipeline that phase 1 built."""
-        if self.pipe.unet is not None:
-            return
-        from kolors_lib.models import load_model_manager
-
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            manager = load_model_manager([self.paths.unet, self.paths.vae], device=self.load_device, dtype=self.dtype)
-        self.load_log += log.getvalue()
-        for name in ("unet", "vae_decoder", "vae_encoder"):
-            setattr(self.pipe, name, manager.fetch_model(f"sdxl_{name}"))
-        if self.pipe.unet is None:
-            raise RuntimeError(f"{self.root}: DiffSynth found no Kolors UNet there")
-
-    @property
-    def scheduler_info(self) -> dict[str, Any]:
-        """The scheduler DiffSynth switched to for Kolors: only values read from the live object.
-
-        Its betas are not kept on the object, so the noise schedule is recorded by the first and last
-        alphas_cumprod it computed from them (they differ for another beta_end or schedule).
-        """
-        s = self.pipe.scheduler
-        return {"name": type(s).__name__, "num_train_timesteps": s.num_train_timesteps,
-                "prediction_type": s.prediction_type,
-                "alphas_cumprod_first": round(float(s.alphas_cumprod[0]), 10),
-                "alphas_cumprod_last": round(float(s.alphas_cumprod[-1]), 10)}
-
-    def _cached_prompt(self, prompt: str, clip_skip: int = 1, clip_skip_2: int = 2,
-                       positive: bool = True) -> dict[str, torch.Tensor]:
-        key = (prompt, bool(positive), clip_skip, clip_skip_2)
-        if key not in self.cache:
-            raise RuntimeError(f"prompt not encoded in phase 1 (ChatGLM is released): {prompt!r}")
-        if self.text_device == self.device and self.text_dtype == self.dtype:
-            return self.cache[key]
-        return {k: v.to(self.device, self.dtype) for k, v in self.cache[key].items()}
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], negatives: Sequence[str] = ("",)) -> None:
-        """Phase 1: each distinct prompt once, from the prompt cache on disk or else through ChatGLM.
-
-        ChatGLM is loaded only when a prompt is missing from both caches, and released afterwards when
-        offloading; what it encodes is written to the prompt cache, so a re-run needs no ChatGLM at all.
-        """
-        todo = [(p, True) for p in dict.fromkeys(prompts)] + [(n, False) for n in dict.fromkeys(negatives)]
-        todo = [(p, pos) for p, pos in todo if (p, pos, 1, 2) not in self.cache and not self._read_cached(p, pos)]
-        if not todo:
-            return
-        if not self.can_encode:
-            raise RuntimeError(f"this renderer has no ChatGLM (prompts come from elsewhere); cannot encode "
-                               f"{[p for p, _ in todo]!r}")
-        _peak_reset(self.device)
-        self._load_text_encoder()
-        pipe = self.pipe
-        if self.offload and _cuda(self.text_device):
-            pipe.text_encoder_kolors.to(self.text_device)
-        pipe.device = self.text_device  # DiffSynth puts the token ids on pipe.device
-        try:
-            for prompt, positive in todo:
-                self.cache[(prompt, positive, 1, 2)] = _encode_one(pipe, prompt, positive)
-                self._write_cached(prompt, positive)
-                self.encoded += 1
-        finally:
-            pipe.device = self.device
-        self.peak_memory["encode"] = _peak(self.device)
-        if self.offload:
-            self.release_text_encoder()
-
-    def _load_text_encoder(self) -> None:
-        """ChatGLM into the pipeline, where the plan puts it (offloading: only now, on first need)."""
-        if self.pipe.text_encoder_kolors is not None:
-            return
-        from diffsynth.prompters import KolorsPrompter
-
-        from kolors_lib.models import load_model_manager
-
-        with _no_transformers_bars():
-            manager = load_model_manager([self.paths.text_encoder], device=self.load_device, dtype=self.text_dtype)
-        self.load_log += manager.load_log
-        encoder = manager.fetch_model("kolors_text_encoder")
-        if encoder is None:
-            raise RuntimeError(f"{self.root}: DiffSynth found no Kolors ChatGLM there")
-        if self.text is not None and self.text.dtype == "int8":
-            to_int8(encoder, self.text.device)
-        self.text_manager = manager
-        self.pipe.text_encoder_kolors = encoder
-        self.pipe.prompter = KolorsPrompter()
-        self.pipe.prompter.fetch_models(encoder)
-
-    def _prompt_file(self, prompt: str, positive: bool) -> Path | None:
-        """Where the prompt cache keeps one encoding (keyed by prompt, ChatGLM's identity and dtype)."""
-        if self.prompt_cache is None:
-            return None
-        from kolors_lib.encode_cache import CACHE_VERSION, content_hash, model_identity
-
-        self.text_id = self.text_id or model_identity(self.paths.text_encoder)
-        key = content_hash("prompt", CACHE_VERSION, prompt, str(positive), self.text_id, str(self.text_dtype))
-        return self.prompt_cache / f"{key[:32]}.safetensors"
-
-    def _read_cached(self, prompt: str, positive: bool) -> bool:
-        """Fill the in-memory cache from the prompt cache on disk; False when it has no such entry."""
-        path = self._prompt_file(prompt, positive)
-        if path is None or not path.is_file():
-            return False
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        self.cache[(prompt, positive, 1, 2)] = {k: v.to(self.text_device) for k, v in tensors.items()}
-        self.from_cache += 1
-        return True
-
-    def _write_cached(self, prompt: str, positive: bool) -> None:
-        path = self._prompt_file(prompt, positive)
-        if path is not None:
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.cache[(prompt, positive, 1, 2)].items()}
-            save_safetensors(tensors, path, {"prompt": prompt, "positive": str(positive), "encoder": self.text_id,
-                                             "dtype": str(self.text_dtype)})
-
-    def release_text_encoder(self) -> None:
-        """Take ChatGLM off the device and drop every reference to it (pipeline, prompter, managers)."""
-        pipe = self.pipe
-        encoder = pipe.text_encoder_kolors
-        if encoder is None:
-            return
-        if _cuda(self.device):
-            encoder.to("cpu")
-        pipe.text_encoder_kolors = None
-        pipe.prompter.text_encoder = None
-        for manager in (self.manager, getattr(self, "text_manager", None)):
-            if manager is None:
-                continue
-            keep = [i for i, name in enumerate(manager.model_name) if name != "kolors_text_encoder"]
-            manager.model = [manager.model[i] for i in keep]
-            manager.model_path = [manager.model_path[i] for i in keep]
-            manager.model_name = [manager.model_name[i] for i in keep]
-        self.text_manager = None
-        del encoder
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.text_encoder_released = True
-
-    def _to_device(self, names: Sequence[str]) -> None:
-        for name in names:
-            model = getattr(self.pipe, name, None)
-            if model is not None:
-                model.to(self.device)
-
-    @torch.no_grad()
-    def render(self, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float, width: int, height: int,
-               input_image: Image.Image | None = None, denoising_strength: float = 1.0) -> Image.Image:
-        """Phase 2: one image by the stock pipeline call, prompts answered from the phase-1 cache."""
-        self._cached_prompt(prompt, positive=True)  # fail before any work if it was not encoded
-        self._cached_prompt(negative, positive=False)
-        if "denoise" not in self.peak_memory:
-            _peak_reset(self.device)
-        self._load_denoiser()
-        self._to_device(["unet", "vae_decoder"] + (["vae_encoder"] if input_image is not None else []))
-        image = self.pipe(prompt, negative_prompt=negative, cfg_scale=cfg_scale, height=height, width=width,
-                          num_inference_steps=steps, seed=seed, input_image=input_image,
-                          denoising_strength=denoising_strength, tiled=self.tiled, progress_bar_cmd=_quiet)
-        self.peak_memory["denoise"] = max(self.peak_memory.get("denoise") or 0, _peak(self.device) or 0) or None
-        return image
-
-
-def _encode_one(pipe: Any, prompt: str, positive: bool) -> dict[str, torch.Tensor]:
-    """DiffSynth's own SDXLImagePipeline.encode_prompt (the class method, not the cache)."""
-    return type(pipe).encode_prompt(pipe, prompt, clip_skip=1, clip_skip_2=2, positive=positive)
 
 
 # ---------------------------------------------------------------- captions and grids
@@ -516,7 +130,8 @@ class StoryboardResult:
         """The storyboard grid as a Figure, for the notebook."""
         data = json.loads(self.manifest.read_text(encoding="utf-8"))
         scenes = [Scene(p["scene"], p["prompt"], p["seed"]) for p in data["panels"]]
-        return grid_figure(self.panels, panel_captions(scenes, self.font), font=self.font)
+        return grid_figure(self.panels, panel_captions(scenes, self.font), font=self.font,
+                           cols=min(4, len(self.panels)))
 
 
 def _base_model_info(cfg: Config | None, root: Path) -> dict[str, Any]:
@@ -584,12 +199,21 @@ def _storyboard_manifest(cfg: Config, story: Story, settings: RenderSettings, lo
     }
 
 
+def _drop_stale_panels(cfg: Config, count: int) -> None:
+    """Remove step 04's own panel files beyond this story's `count` (a longer story's), so the score
+    of step 05 and the samples of step 06 never mix two renders."""
+    number = count + 1
+    while (stale := cfg.storyboard_dir / panel_file(number)).is_file():
+        stale.unlink()
+        number += 1
+
+
 @logged_step("04_storyboard")
 @one_writer("storyboard")
 def render_storyboard(cfg: Config, story_path: str | Path | None = None, strength: float | None = None,
                       lora_path: str | Path | None = None, progress: bool = True,
                       candidates: int | None = None) -> StoryboardResult:
-    """Render the story's 8 panels with Kolors + LoRA; write panels, storyboard.png and manifest.json.
+    """Render one panel per scene with Kolors + LoRA; write panels, storyboard.png and manifest.json.
 
     candidates > 1 (default generate.candidates): best-of-N seeds per scene, see kolors_lib/selection.py.
     """
@@ -609,6 +233,7 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     out = cfg.storyboard_dir
     out.mkdir(parents=True, exist_ok=True)
     cfg.manifest_path.unlink(missing_ok=True)  # never leave a manifest describing other panels
+    _drop_stale_panels(cfg, len(story.scenes))
     lora, renderer = prepare_renderer(cfg, lora_path, prompts, [settings.negative])
     LoraMerger(renderer.unet, lora).set(strength)
     selection = None
@@ -625,8 +250,8 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
     font = find_cjk_font(story.title + "".join(s.scene for s in story.scenes))
     title = story.title if font is not None or story.title.isascii() else (story.path.stem if story.path else "")
     drawn = [Scene(s.scene, s.prompt, seed) for s, seed in zip(story.scenes, seeds, strict=True)]
-    grid = save_figure(grid_figure(panels, panel_captions(drawn, font), title=title, font=font),
-                       cfg.grid_path)
+    grid = save_figure(grid_figure(panels, panel_captions(drawn, font), title=title, font=font,
+                                   cols=min(4, len(panels))), cfg.grid_path)
     manifest = _storyboard_manifest(cfg, story, settings, lora, strength, renderer, panels, prompts, grid, seeds,
                                     selection)
     manifest_path = write_json(manifest, cfg.manifest_path)
@@ -702,6 +327,73 @@ def strength_sweep(cfg: Config, scene_index: int = 0, strengths: Sequence[float]
     return path
 
 
+# ---------------------------------------------------------------- one prompt
+
+
+@dataclass
+class RenderResult:
+    """What `render` wrote: one image per (strength, seed), their grid and render.json."""
+
+    folder: Path
+    images: list[Image.Image]
+    files: list[Path]
+    grid: Path
+    prompt: str
+    strengths: list[float]
+    seeds: list[int]
+
+
+def _render_name(prompt: str) -> str:
+    """A folder name for a prompt: the same prompt always lands in the same folder."""
+    import hashlib
+
+    return "prompt-" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:10]
+
+
+@logged_step("04_storyboard")
+def render(cfg: Config, prompt: str, strengths: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
+           *, lora_path: str | Path | None = None, negative: str | None = None, steps: int | None = None,
+           width: int | None = None, height: int | None = None, cfg_scale: float | None = None,
+           name: str | None = None, progress: bool = True) -> RenderResult:
+    """One prompt at each strength (default generate.strength) x seed (default cfg.seed), with the LoRA.
+
+    Settings not given come from the story file (negative, cfg_scale) and the profile (steps, size),
+    as for the storyboard. Writes cfg.renders_dir/NAME/ (default name: from the prompt's hash):
+    s<strength>_seed<seed>.png, grid.png (a row per strength) and render.json; returns the images too.
+    """
+    from kolors_lib.console import progress as tqdm
+
+    prompt = prompt.strip() if isinstance(prompt, str) else ""
+    if not prompt:
+        raise StoryError("render needs a non-empty prompt")
+    settings = render_settings(cfg, load_story(cfg.generate.story, count_notice=False))
+    strengths = [checked_strength(s) for s in ([cfg.generate.strength] if strengths is None else strengths)]
+    seeds = [int(s) for s in ([cfg.seed] if seeds is None else seeds)]
+    if not strengths or not seeds:
+        raise ConfigError("render needs at least one strength and one seed")
+    width = image_side(width or settings.width, "width")
+    height = image_side(height or settings.height, "height")
+    negative = settings.negative if negative is None else negative
+    steps, cfg_scale = steps or settings.steps, settings.cfg_scale if cfg_scale is None else cfg_scale
+    prompt = with_trigger(prompt, trigger_word(cfg))
+    folder = cfg.renders_dir / (name or _render_name(prompt))
+    lora, renderer = prepare_renderer(cfg, lora_path, [prompt], [negative])
+    merger = LoraMerger(renderer.unet, lora, keep_base=len(strengths) > 1)
+    images, files, captions = [], [], []
+    for strength, seed in tqdm([(a, b) for a in strengths for b in seeds], desc="images", disable=not progress):
+        if merger.strength != strength:  # a fresh merger is the base model (strength 0)
+            merger.set(strength)
+        images.append(renderer.render(prompt, negative, seed, steps, cfg_scale, width, height))
+        files.append(save_png(images[-1], folder / f"s{strength:.2f}_seed{seed}.png"))
+        captions.append(f"strength {strength:g} · seed {seed}")
+    grid = save_figure(grid_figure(files, captions, title=name or "", cols=len(seeds)), folder / "grid.png")
+    write_json({"prompt": prompt, "negative": negative, "steps": steps, "cfg_scale": cfg_scale, "width": width,
+                "height": height, "strengths": strengths, "seeds": seeds, "files": [f.name for f in files],
+                "lora": _lora_info(lora, 1.0) | {"strength": None}, "base_model": _base_model_info(cfg, renderer.root),
+                "device": renderer.device, "dtype": _dtype_name(renderer.dtype)}, folder / "render.json")
+    return RenderResult(folder, images, files, grid, prompt, strengths, seeds)
+
+
 # ---------------------------------------------------------------- img2img: draft small, refine large
 
 
@@ -728,7 +420,7 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     image_path = Path(image_path)
     if not image_path.is_file():
         raise MissingInputError(f"image not found: {image_path}: give the path of a picture to refine")
-    story = load_story(cfg.generate.story)
+    story = load_story(cfg.generate.story, count_notice=False)  # only its settings are used
     settings = render_settings(cfg, story)
     with Image.open(image_path) as img:
         img = ImageOps.exif_transpose(img).convert("RGB")
@@ -748,6 +440,6 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     return save_png(result, out)
 
 
-__all__ = ["KolorsRenderer", "LoraMerger", "LoraNotFoundError", "Scene", "Story", "StoryError", "StoryboardResult",
-           "find_cjk_font", "load_story", "read_lora", "refine", "render_storyboard",
+__all__ = ["KolorsRenderer", "LoraMerger", "LoraNotFoundError", "RenderResult", "Scene", "Story", "StoryError",
+           "StoryboardResult", "find_cjk_font", "load_story", "read_lora", "refine", "render", "render_storyboard",
            "reproduce", "strength_sweep", "with_trigger"]

@@ -15,7 +15,7 @@ from kolors_lib.config import LORA_FILE, N_PANELS, panel_file
 
 LORA_NAME = LORA_FILE
 EXPORTS = {"diffusers": "kolors_lora.diffusers.safetensors", "kohya": "kolors_lora.kohya.safetensors"}
-PANELS = N_PANELS
+PANELS = N_PANELS  # the challenge's count; a card shows as many panels as its manifest has
 BASE_MODEL = "Kwai-Kolors/Kolors"
 LICENSE = "Apache License 2.0"
 TASK = "text-to-image-synthesis"
@@ -63,10 +63,14 @@ def public_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, Any], lora_meta: Mapping[str, Any],
-               rank: int, alpha: float) -> str:
-    """README.md in ModelScope's text-to-image LoRA style: front matter, usage, the 8 prompts, settings, scores."""
+def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, Any] | None,
+               lora_meta: Mapping[str, Any], rank: int, alpha: float) -> str:
+    """README.md in ModelScope's text-to-image LoRA style: front matter, usage, the prompts, settings, scores.
+
+    scores None (step 05 not run): the card says the samples are not scored.
+    """
     scale = alpha / rank
+    count = len(manifest["panels"])
     trigger = str(lora_meta.get("trigger_word") or manifest.get("trigger_word") or "").strip()
     title = str(manifest.get("title") or repo_id.split("/", 1)[1])
     strength = _num((manifest.get("lora") or {}).get("strength"), 1.0)
@@ -92,7 +96,7 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, A
         "",
         f"A LoRA for [Kolors 可图]({'https://modelscope.cn/models/' + BASE_MODEL}) (UNet attention "
         f"`to_q/to_k/to_v/to_out`, rank {rank}, alpha {_g(alpha)}), trained with DiffSynth-Studio, and the "
-        f"{PANELS}-panel story it draws.",
+        f"{count}-panel story it draws.",
         "",
         "![storyboard](samples/storyboard.png)",
         "",
@@ -109,7 +113,7 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, A
         f"| `{EXPORTS['diffusers']}` | PEFT-style diffusers (`unet.down_blocks...lora_A.weight`) | diffusers "
         "`KolorsPipeline` |",
         f"| `{EXPORTS['kohya']}` | kohya (`lora_unet_..._to_q.lora_down.weight` + `.alpha`) | ComfyUI, WebUI |",
-        "| `samples/` | the 8 panels and the storyboard grid | |",
+        f"| `samples/` | the {count} panels and the storyboard grid | |",
         "| `manifest.json`, `prompts.txt` | every setting and prompt of the samples | |",
         "",
         "## Trigger word 触发词",
@@ -213,16 +217,27 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, A
               f"| rank / alpha | {rank} / {_g(alpha)} (scale {_g(scale)}) |",
               f"| trigger word | {trigger or '(none)'} |"]
     lines += [f"| {label} | {lora_meta[key]} |" for key, label in keys if lora_meta.get(key) not in (None, "")]
+    lines += _score_lines(scores, count)
+    lines += ["## License", "",
+              f"This LoRA: {LICENSE}. Using it with Kolors is also subject to the Kolors model license.", ""]
+    return "\n".join(lines)
+
+
+def _score_lines(scores: Mapping[str, Any] | None, count: int) -> list[str]:
+    """The card's Scores section: step 05's numbers, or "not scored"."""
+    if scores is None:
+        return ["", "## Scores 评分", "", "Not scored: the samples were published without step 05's aesthetic "
+                "score and style consistency (未评分).", ""]
     consistency = scores.get("consistency")
     cos = consistency.get("mean_pairwise_cosine") if isinstance(consistency, dict) else consistency
     mean, gate = _num(scores.get("mean")), _num(scores.get("gate"))
     passed = scores.get("passed")
     verdict = "PASS" if passed else ("FAIL" if passed is not None else "n/a")
-    lines += [
+    lines = [
         "",
         "## Scores 评分",
         "",
-        f"- aesthetic score (the challenge's predictor), mean of the {PANELS} panels: **{_fmt(mean)}** vs the "
+        f"- aesthetic score (the challenge's predictor), mean of the {count} panels: **{_fmt(mean)}** vs the "
         f"gate {_fmt(gate, 1)}: **{verdict}**",
         f"- style consistency (mean pairwise cosine of the panels' image embeddings): **{_fmt(cos)}**",
         "",
@@ -233,13 +248,12 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], scores: Mapping[str, A
         lines += [f"| {f.get('file')} | {_fmt(f.get('score'))} | {_fmt(f.get('consistency_to_others'))} |"
                   for f in files]
         lines.append("")
-    lines += ["## License", "",
-              f"This LoRA: {LICENSE}. Using it with Kolors is also subject to the Kolors model license.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def prompts_text(manifest: Mapping[str, Any]) -> str:
     """prompts.txt: one `samples/panel_XX.png<TAB>prompt` line per panel."""
-    head = (f"# the {PANELS} sample images and their prompts; negative prompt, seeds and settings: manifest.json\n")
+    head = (f"# the {len(manifest['panels'])} sample images and their prompts; negative prompt, seeds and "
+            "settings: manifest.json\n")
     return head + "".join(f"samples/{panel_file(i)}\t{' '.join(str(p['prompt']).split())}\n"
                           for i, p in enumerate(manifest["panels"], start=1))

@@ -43,7 +43,6 @@ from kolors_lib.lock import one_writer
 from kolors_lib.model_card import (
     EXPORTS,
     LORA_NAME,
-    PANELS,
     TASK,
     model_card,
     model_url,
@@ -84,7 +83,7 @@ class _Inputs:
     panels: list[Path]
     grid: Path
     manifest: dict[str, Any]
-    scores: dict[str, Any]
+    scores: dict[str, Any] | None
 
 
 def _read_json(path: Path, step: str) -> dict[str, Any]:
@@ -102,28 +101,38 @@ def _check_inputs(cfg: Config) -> _Inputs:
 
     step3 = f"step 03 (python -m kolors_lib train --workdir {cfg.workdir})"
     step4 = f"step 04 (python -m kolors_lib storyboard --workdir {cfg.workdir})"
-    step5 = f"step 05 (python -m kolors_lib score --workdir {cfg.workdir})"
     lora = cfg.lora_path
     if not lora.is_file():
         raise PublishError(f"the trained LoRA {lora} is missing: run {step3} first")
-    story = cfg.storyboard_dir
-    panels, grid, manifest_path = cfg.panel_paths, cfg.grid_path, cfg.manifest_path
-    missing = [p.name for p in [*panels, grid, manifest_path] if not p.is_file()]
-    if missing:
+    story, grid, manifest_path = cfg.storyboard_dir, cfg.grid_path, cfg.manifest_path
+    if not manifest_path.is_file():
+        missing = [p.name for p in (grid, manifest_path) if not p.is_file()]
         raise PublishError(f"storyboard files missing in {story}: {', '.join(missing)}; run {step4} first")
     manifest = _read_json(manifest_path, step4)
     rows = manifest.get("panels")
-    if not isinstance(rows, list) or len(rows) != PANELS or not all(
+    if not isinstance(rows, list) or not rows or not all(
             isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
-        raise PublishError(f"{manifest_path}: expected {PANELS} panels with prompts; re-run {step4}")
+        raise PublishError(f"{manifest_path}: expected a list of panels with prompts; re-run {step4}")
+    panels = cfg.panel_paths_for(len(rows))  # as many as the story had scenes (the challenge's: 8)
+    missing = [p.name for p in [*panels, grid] if not p.is_file()]
+    if missing:
+        raise PublishError(f"storyboard files missing in {story}: {', '.join(missing)}; run {step4} first")
     recorded = (manifest.get("lora") or {}).get("sha256")
     if recorded and recorded != sha256_file(lora):
         raise PublishError(f"the storyboard in {story} was rendered with another LoRA than {lora} (sha256 differs): "
-                           f"re-run {step4} and {step5} with the current LoRA")
-    scores_path = cfg.scores_json
-    if not scores_path.is_file():
-        raise PublishError(f"the score report {scores_path} is missing: run {step5} first")
-    return _Inputs(lora, panels, grid, manifest, _read_json(scores_path, step5))
+                           f"re-run {step4} and step 05 with the current LoRA")
+    return _Inputs(lora, panels, grid, manifest, _scores(cfg))
+
+
+def _scores(cfg: Config) -> dict[str, Any] | None:
+    """Step 05's report, or None with a notice: scoring is optional for a submission (the card says so)."""
+    from kolors_lib.console import show
+
+    step5 = f"step 05 (python -m kolors_lib score --workdir {cfg.workdir})"
+    if not cfg.scores_json.is_file():
+        show(f"NOTICE: no score report ({cfg.scores_json}): publishing unscored; run {step5} first to add scores")
+        return None
+    return _read_json(cfg.scores_json, step5)
 
 
 # ---------------------------------------------------------------- assemble
@@ -339,7 +348,8 @@ def _upload(repo_id: str, folder: Path, files: list[tuple[str, int]], token: str
     lora = folder / LORA_NAME
     created = _ensure_repo(api, repo_id, private, user,
                            {"oid": sha256_file(lora), "size": lora.stat().st_size}, token, errs)
-    message = commit_message or f"Kolors LoRA, model card and {PANELS} storyboard samples ({len(files)} files)"
+    count = sum(p.startswith("samples/panel_") for p, _ in files)
+    message = commit_message or f"Kolors LoRA, model card and {count} storyboard samples ({len(files)} files)"
     try:
         commit = api.upload_folder(repo_id, folder_path=str(folder), commit_message=message, repo_type="model",
                                    use_cache=False, allow_patterns=[glob.escape(p) for p, _ in files])
@@ -376,3 +386,6 @@ def publish(cfg: Config, repo_id: str, dry_run: bool = True, token: str | None =
         return _upload(repo_id, folder, files, token, private, commit_message)
     except PublishError as err:
         raise PublishError(_redact(str(err), token)) from None
+
+
+__all__ = ["PublishResult", "assemble", "plan", "publish", "validate_repo_id"]

@@ -310,18 +310,21 @@ def score_folder(
     The report goes to `out`, else cfg.scores_dir for the storyboard, else `<folder>-scores` beside another
     folder: scores of other images must never stand in for the storyboard's (step 06 publishes those).
     """
-    import torch
-
-    from kolors_lib.models import resolve_model
-
     folder = Path(folder) if folder is not None else cfg.storyboard_dir
     dest = scores_dest(cfg, folder, out)
+    if folder == cfg.storyboard_dir and not folder.is_dir():
+        raise ScoreError(f"the storyboard {folder} is missing: run step 04 (python -m kolors_lib storyboard "
+                         f"--workdir {cfg.workdir}) first, or give a folder of images to score")
     images, others = _list_folder(folder)
     if not images:
         extra = f" (only non-image files: {', '.join(others)})" if others else ""
         raise ScoreError(f"no image files to score in {folder}{extra}")
     if not any(is_panel(n, non_panel) for n in images):
         raise ScoreError(f"no panel images in {folder}: only non-panel files {', '.join(images)}")
+    import torch  # only now: a missing or empty folder is reported at once
+
+    from kolors_lib.models import resolve_model
+
     model_folder = resolve_model(cfg, "aesthetic")
     # `device` when given, else where the device plan puts the predictor; CUDA falls back to CPU without one
     dev = resolve_device(device or device_plan(cfg).get("score", "aesthetic").device)

@@ -1,4 +1,4 @@
-"""The story file: 8 scenes (caption, prompt, seed) plus the settings every panel shares.
+"""The story file: scenes (caption, prompt, seed; the challenge asks for 8) plus the settings every panel shares.
 
 `load_story` validates a story YAML before any model loads; `with_trigger` puts the LoRA's trigger
 word first, as in the training captions; `render_settings` applies the profile's overrides.
@@ -34,7 +34,7 @@ class Scene:
 
 @dataclass
 class Story:
-    """A validated story file: 8 scenes plus the settings shared by all panels."""
+    """A validated story file: its scenes (any number; the challenge's is 8) plus the settings all panels share."""
 
     title: str
     negative: str
@@ -50,11 +50,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_story(path: str | Path) -> Story:
+def load_story(path: str | Path, count_notice: bool = True) -> Story:
     """Read and validate a story YAML; every problem found is listed in one StoryError.
 
-    Checks: known keys only (top level and per scene), exactly 8 scenes, non-empty prompts, integer
+    Checks: known keys only (top level and per scene), at least one scene, non-empty prompts, integer
     seeds in [0, 2**63), positive integer steps, a positive cfg_scale, width/height multiples of 64.
+    A story of other than the challenge's 8 scenes renders too; `count_notice` prints a notice for it.
     """
     path = Path(path)
     try:
@@ -92,10 +93,10 @@ def load_story(path: str | Path) -> Story:
     scenes_raw = raw.get("scenes")
     scenes: list[Scene] = []
     if not isinstance(scenes_raw, list):
-        problems.append("'scenes' must be a list of 8 scenes (scene, prompt, seed)")
+        problems.append(f"'scenes' must be a list of scenes (scene, prompt, seed; the challenge asks for {N_SCENES})")
         scenes_raw = []
-    elif len(scenes_raw) != N_SCENES:
-        problems.append(f"expected exactly {N_SCENES} scenes, found {len(scenes_raw)}")
+    elif not scenes_raw:
+        problems.append(f"'scenes' is empty: give at least one scene (the challenge asks for {N_SCENES})")
     for number, item in enumerate(scenes_raw, start=1):
         where = f"scene {number}"
         if not isinstance(item, dict):
@@ -114,6 +115,11 @@ def load_story(path: str | Path) -> Story:
         scenes.append(Scene(str(caption or f"scene {number}"), str(prompt or "").strip(), seed))
     if problems:
         raise StoryError(f"{path}: " + "; ".join(problems))
+    if count_notice and len(scenes) != N_SCENES:
+        from kolors_lib.console import show  # the learner's console, also inside a step's log
+
+        show(f"NOTICE: {path} has {len(scenes)} scene(s); the challenge's storyboard has {N_SCENES}: "
+             "it renders as it is")
     return Story(str(title), negative.strip(), float(cfg_scale), steps, sizes["width"], sizes["height"],
                  scenes, path.resolve())
 
@@ -147,3 +153,6 @@ def render_settings(cfg: Config, story: Story) -> RenderSettings:
     if not _is_int(steps) or steps < 1:
         raise ConfigError(f"generate.steps must be a positive integer, not {steps!r}")
     return RenderSettings(story.negative, story.cfg_scale, steps, width, height)
+
+
+__all__ = ["RenderSettings", "Scene", "Story", "load_story", "render_settings", "with_trigger"]

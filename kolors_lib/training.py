@@ -23,7 +23,7 @@ import torch
 
 from kolors_lib.architecture import BETA_END, NUM_TRAIN_TIMESTEPS, kolors_scheduler
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import LORA_FILE, Config, LoraConfig, apply_overrides
+from kolors_lib.config import LORA_FILE, Config, LoraConfig
 from kolors_lib.console import logged_step
 from kolors_lib.encode_cache import (
     CachedDataset,
@@ -34,6 +34,7 @@ from kolors_lib.encode_cache import (
 )
 from kolors_lib.errors import NonFiniteLossError, TrainingError
 from kolors_lib.files import atomic_path, move_aside, save_safetensors, save_torch
+from kolors_lib.inputs import training_overrides
 from kolors_lib.lock import one_writer
 from kolors_lib.pictures import side_by_side
 from kolors_lib.plan import Plan, device_plan
@@ -402,16 +403,6 @@ class _Validator:
 
 
 # train_lora's short keyword names; any other name is a train.* setting (or a dotted key)
-_SHORT_NAMES = {"rank": "lora.rank", "alpha": "lora.alpha", "lr": "train.learning_rate",
-                "learning_rate": "train.learning_rate", "resolution": "resolution", "seed": "seed", "device": "device"}
-
-
-def training_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """cfg with train_lora's keyword overrides (steps, batch_size..., rank, alpha, lr) by config's one route."""
-    named = {_SHORT_NAMES.get(k) or (k if "." in k else f"train.{k}"): v for k, v in overrides.items()}
-    return apply_overrides(cfg, named)
-
-
 def total_steps(cfg: Config, n_images: int, world: int = 1) -> int:
     """Optimizer steps of the run: train.steps, or train.epochs passes over the data when set."""
     if cfg.train.epochs:
@@ -528,3 +519,7 @@ def _fit(cfg: Config, plan: Plan, module: KolorsLoraModule, report: CacheReport,
         run.close()
 
 
+# the learner's API; KolorsLoraModule (a LightningModule) stays importable but out of help(), which would
+# otherwise list Lightning's ~2,900 lines of inherited methods
+__all__ = ["TrainResult", "add_time_ids", "checkpoint_dir", "inject_lora", "list_checkpoints", "load_unet",
+           "lora_metadata", "make_scheduler", "read_loss_csv", "total_steps", "train_lora", "training_overrides"]

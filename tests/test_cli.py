@@ -83,3 +83,59 @@ def test_a_python_without_the_packages_gets_one_line_pointing_at_the_venv(tmp_pa
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("error: ") and "make setup" in lines[0] and ".venv/bin/python" in lines[0]
     assert "no module named 'yaml'" in lines[0] or has_yaml
+
+
+HEAVY = ("torch", "diffsynth", "lightning", "data_juicer", "transformers")
+# the CLI run in a child that reports which heavy packages were imported once the command ended
+_PROBE = ("import sys\nfrom kolors_lib.cli import main\ncode = main(sys.argv[1:])\n"
+          f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\nsys.exit(code)")
+
+
+@pytest.mark.parametrize("command, says", [
+    (["train"], "run step 02 (data filter) first"),
+    (["storyboard"], "train it first with step 03"),
+    (["render", "山水"], "train it first with step 03"),
+    (["score"], "run step 04"),
+    (["publish", "--repo-id", "alice/kolors", "--dry-run"], "run step 03"),
+    (["data", "filter"], "run step 01 first"),
+])
+def test_missing_inputs_are_reported_at_once_without_heavy_imports(tmp_path: Path, command: list[str],
+                                                                   says: str) -> None:
+    import time
+
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", _PROBE, *command, "--workdir", str(tmp_path / "empty"),
+                          "--profile", "tiny"], capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert out.returncode == 2 and says in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert "HEAVY []" in out.stdout, f"imported before saying what is missing: {out.stdout}"
+    # the bound: 5 s, or 3x a bare `import kolors_lib.cli` when the shared machine is loaded
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import kolors_lib.cli"], check=True, timeout=120)
+    bound = max(5.0, 3 * (time.monotonic() - start))
+    assert seconds < bound, f"{command[0]} took {seconds:.1f} s to say what is missing (bound {bound:.1f} s)"
+
+
+def test_tiny_kolors_and_export_lora_take_the_common_options(tmp_path: Path) -> None:
+    """`tiny-kolors` and `export-lora` take --workdir/--config/--profile like the step commands."""
+    work = tmp_path / "w"
+    tiny = _cli("tiny-kolors", "--workdir", str(work), "--profile", "tiny")
+    assert tiny.returncode == 0, tiny.stderr
+    written = json.loads(tiny.stdout)
+    assert Path(written["kolors"]).is_relative_to(work / "models" / "tiny")
+    assert (Path(written["kolors"]) / "unet").is_dir()
+    missing = _cli("export-lora", "--format", "kohya", "--workdir", str(work), "--profile", "tiny")
+    assert missing.returncode == 2 and "train it first with step 03" in missing.stderr
+    import torch
+
+    from kolors_lib.export import detect_format, load_lora, save_lora
+
+    unet = "blocks.7.transformer_blocks.0.attn1.to_q"
+    state = {f"{unet}.lora_A.default.weight": torch.ones(4, 32), f"{unet}.lora_B.default.weight": torch.ones(32, 4)}
+    save_lora(state, work / "lora" / "kolors_lora.safetensors", {"rank": "4", "alpha": "4"})
+    done = _cli("export-lora", "--format", "kohya", "--workdir", str(work), "--profile", "tiny")
+    assert done.returncode == 0, done.stderr
+    out = work / "lora" / "kolors_lora.kohya.safetensors"
+    assert Path(done.stdout.strip().splitlines()[-1]) == out and detect_format(load_lora(out)[0]) == "kohya"
+    full = _cli("tiny-kolors", "--size", "full", "--workdir", str(work))
+    assert full.returncode == 2 and "needs DIR" in full.stderr

@@ -100,7 +100,7 @@ def test_the_course_story_file_is_valid() -> None:
 
 
 BAD_STORIES = {
-    "seven_scenes": (lambda d: d["scenes"].pop(), r"exactly 8 scenes, found 7"),
+    "no_scenes": (lambda d: d.update(scenes=[]), r"'scenes' is empty: give at least one scene"),
     "empty_prompt": (lambda d: d["scenes"][2].update(prompt="  "), r"scene 3: prompt is empty"),
     "unknown_key": (lambda d: d.update(colour="red"), r"unknown key\(s\) colour"),
     "unknown_scene_key": (lambda d: d["scenes"][4].update(negtive="x"), r"scene 5: unknown key\(s\) negtive"),
@@ -129,8 +129,9 @@ def test_story_errors_list_every_problem(tmp_path: Path) -> None:
     def change(d: dict) -> None:
         d["scenes"] = d["scenes"][:7]
         d["scenes"][0]["prompt"] = ""
+        d["width"] = 1000
 
-    with pytest.raises(G.StoryError, match=r"found 7.*scene 1: prompt is empty"):
+    with pytest.raises(G.StoryError, match=r"width must be.*scene 1: prompt is empty"):
         G.load_story(write_story(tmp_path / "s.yaml", change))
     (tmp_path / "broken.yaml").write_text("scenes: [a, b\n", encoding="utf-8")
     with pytest.raises(G.StoryError, match="broken.yaml: not valid YAML"):
@@ -191,6 +192,40 @@ def test_a_lora_that_does_not_fit_fails_before_encoding(tmp_path: Path, kolors_r
     assert not encoded and not (cfg.storyboard_dir / "panel_01.png").exists()
     code = cli_main(["storyboard", "--profile", "tiny", "--workdir", str(tmp_path / "w"), "--lora", str(path)])
     assert code == 2 and capsys.readouterr().err.startswith("error: LoRA does not fit the UNet")
+
+
+def test_a_story_of_other_than_8_scenes_loads_with_a_notice(tmp_path: Path, capsys) -> None:
+    story = G.load_story(write_story(tmp_path / "three.yaml", lambda d: d.update(scenes=d["scenes"][:3])))
+    assert len(story.scenes) == 3
+    assert "has 3 scene(s); the challenge's storyboard has 8" in capsys.readouterr().out
+    G.load_story(write_story(tmp_path / "eight.yaml"))
+    assert "NOTICE" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the LoRA merger
+
+
+@pytest.mark.parametrize("keep_base", [False, True])
+def test_lora_merger_set_again_equals_a_fresh_merge(kolors_root: Path, lora_file: Path, keep_base: bool) -> None:
+    def unet():
+        return load_model_manager([KolorsPaths.from_root(kolors_root).unet]).fetch_model("sdxl_unet")
+
+    lora = G.read_lora(lora_file)
+    swept = unet()
+    base = {k: v.clone() for k, v in swept.state_dict().items()}
+    merger = G.LoraMerger(swept, lora, keep_base=keep_base)
+    for strength in (0.5, 1.0, 0.0):
+        merger.set(strength)
+        fresh = unet()
+        G.LoraMerger(fresh, lora).set(strength)
+        for key, weight in fresh.state_dict().items():
+            if keep_base:
+                assert torch.equal(swept.state_dict()[key], weight), (strength, key)
+            else:  # the previous delta subtracted: equal up to float rounding
+                torch.testing.assert_close(swept.state_dict()[key], weight, rtol=0, atol=1e-5)
+        assert merger.strength == strength
+        changed = [k for k, v in swept.state_dict().items() if not torch.allclose(v, base[k], atol=1e-5)]
+        assert bool(changed) == (strength != 0), f"strength {strength} changed {len(changed)} weights"
 
 
 # ---------------------------------------------------------------- the storyboard
@@ -344,6 +379,41 @@ def test_strength_sweep_base_and_lora(board, stock, lora_file: Path) -> None:
     assert not np.array_equal(s05, s0) and not np.array_equal(s05, s1)
 
 
+def test_render_one_prompt_at_strengths_and_seeds(board, stock, lora_file: Path) -> None:
+    cfg, result, _ = board
+    story_prompt = json.loads(result.manifest.read_text(encoding="utf-8"))["panels"][0]["story_prompt"]
+    out = G.render(cfg, story_prompt, [0.0, 1.0], [1, 2], lora_path=lora_file, name="mine", progress=False)
+    assert out.folder == cfg.renders_dir / "mine" and out.prompt == result.prompts[0]
+    assert [f.name for f in out.files] == ["s0.00_seed1.png", "s0.00_seed2.png", "s1.00_seed1.png", "s1.00_seed2.png"]
+    assert all(np.array_equal(pixels(i), pixels(f)) for i, f in zip(out.images, out.files, strict=True))
+    assert np.array_equal(pixels(out.files[0]), stock[0][0]), "strength 0 must be the base model"
+    assert np.array_equal(pixels(out.files[2]), pixels(result.panels[0])), "strength 1, seed 1 = panel 1"
+    assert not np.array_equal(pixels(out.files[2]), pixels(out.files[3])), "seeds must differ"
+    assert Image.open(out.grid).size[0] > 2 * SIZE
+    data = json.loads((out.folder / "render.json").read_text(encoding="utf-8"))
+    assert data["strengths"] == [0.0, 1.0] and data["seeds"] == [1, 2] and data["files"] == [f.name for f in out.files]
+    with pytest.raises(G.StoryError, match="non-empty prompt"):
+        G.render(cfg, "  ", lora_path=lora_file)
+
+
+def test_a_three_scene_story_renders_three_panels(tmp_path: Path, kolors_root: Path, lora_file: Path,
+                                                   capsys) -> None:
+    cfg = make_cfg(tmp_path / "w", kolors_root)
+    cfg.storyboard_dir.mkdir(parents=True)
+    for i in range(1, 9):  # a previous 8-scene render
+        Image.new("RGB", (SIZE, SIZE)).save(cfg.storyboard_dir / f"panel_{i:02d}.png")
+    story = write_story(tmp_path / "three.yaml", lambda d: d.update(scenes=d["scenes"][:3]))
+    result = G.render_storyboard(cfg, story, lora_path=lora_file, progress=False)
+    assert "has 3 scene(s)" in capsys.readouterr().out
+    assert [p.name for p in result.panels] == ["panel_01.png", "panel_02.png", "panel_03.png"]
+    assert sorted(p.name for p in cfg.storyboard_dir.glob("panel_*.png")) == [p.name for p in result.panels]
+    assert len(json.loads(result.manifest.read_text(encoding="utf-8"))["panels"]) == 3
+    assert len(result.figure().axes) == 3
+    sweep = G.strength_sweep(cfg, 2, [0.0, 1.0], story_path=story, lora_path=lora_file, progress=False)
+    assert np.array_equal(pixels(cfg.storyboard_dir / "sweep" / "scene03_s1.00.png"), pixels(result.panels[2]))
+    assert sweep.is_file()
+
+
 # ---------------------------------------------------------------- img2img
 
 
@@ -400,7 +470,13 @@ def test_cli_renders_a_storyboard(tmp_path: Path, kolors_root: Path, lora_file: 
     data = json.loads((work / "storyboard" / "manifest.json").read_text(encoding="utf-8"))
     assert data["lora"]["strength"] == 0.5 and data["steps"] == 1
     assert "storyboard.png" in capsys.readouterr().out
-    bad = write_story(tmp_path / "bad.yaml", lambda d: d["scenes"].pop())
+    bad = write_story(tmp_path / "bad.yaml", lambda d: d["scenes"][1].update(seed="2"))
     assert cli_main(["storyboard", "--config", str(config), "--profile", "tiny", "--workdir", str(work),
                               "--story", str(bad)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {bad}: expected exactly 8 scenes, found 7")
+    assert capsys.readouterr().err.startswith(f"error: {bad}: scene 2: seed must be an integer")
+    code = cli_main(["render", "山水", "--strength", "0", "1", "--seed", "1", "2", "--config", str(config),
+                     "--profile", "tiny", "--workdir", str(work), "--lora", str(lora_file), "--name", "cli"])
+    assert code == 0, capsys.readouterr().err
+    assert "rendered 4 image(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (work / "renders" / "cli").glob("*.png")) == [
+        "grid.png", "s0.00_seed1.png", "s0.00_seed2.png", "s1.00_seed1.png", "s1.00_seed2.png"]

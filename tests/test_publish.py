@@ -169,8 +169,7 @@ def test_assemble_is_idempotent(cfg: Config) -> None:
 
 @pytest.mark.parametrize("remove, step", [
     ("lora/kolors_lora.safetensors", "step 03"), ("storyboard/panel_05.png", "step 04"),
-    ("storyboard/manifest.json", "step 04"), ("storyboard/storyboard.png", "step 04"),
-    ("scores/scores.json", "step 05")])
+    ("storyboard/manifest.json", "step 04"), ("storyboard/storyboard.png", "step 04")])
 def test_missing_inputs_name_the_step_and_keep_the_old_folder(cfg: Config, remove: str, step: str) -> None:
     before = _snapshot(assemble(cfg, REPO))
     (cfg.workdir / remove).unlink()
@@ -178,6 +177,39 @@ def test_missing_inputs_name_the_step_and_keep_the_old_folder(cfg: Config, remov
         assemble(cfg, REPO)
     assert _snapshot(cfg.publish_dir) == before
     assert sorted(p.name for p in cfg.workdir.iterdir()) == ["logs", "lora", "publish", "scores", "storyboard"]
+
+
+def test_publish_without_step_05_uploads_unscored_with_a_notice(cfg: Config, hub: HubServer,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (cfg.scores_dir / "scores.json").unlink()
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    code = cli_main(["publish", "--workdir", str(cfg.workdir), "--profile", "tiny", "--repo-id", REPO])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    notices = [line for line in out.splitlines() if line.startswith("NOTICE")]
+    assert len(notices) == 1 and "publishing unscored" in notices[0] and "step 05" in notices[0]
+    card = hub.files(REPO)["README.md"].decode("utf-8")
+    assert "Not scored" in card and "PASS" not in card and "FAIL" not in card
+    assert hub.files(REPO) == _snapshot(cfg.publish_dir) and sorted(hub.files(REPO)) == EXPECTED
+
+
+def test_a_story_of_three_panels_publishes_three_samples(cfg: Config) -> None:
+    path = cfg.storyboard_dir / "manifest.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["panels"] = data["panels"][:3]
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    for i in range(4, 9):
+        (cfg.storyboard_dir / f"panel_{i:02d}.png").unlink()
+    folder = assemble(cfg, REPO)
+    assert sorted(p.name for p in (folder / "samples").iterdir()) == [
+        "panel_01.png", "panel_02.png", "panel_03.png", "storyboard.png"]
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert "3-panel story" in card and "the 3 panels" in card and "8" not in card.split("## Files")[0]
+    assert len((folder / "prompts.txt").read_text(encoding="utf-8").splitlines()) == 1 + 3
+    (cfg.storyboard_dir / "panel_02.png").unlink()
+    with pytest.raises(PublishError, match="panel_02.png.*step 04"):
+        assemble(cfg, REPO)
 
 
 def test_storyboard_of_another_lora_is_refused(cfg: Config) -> None:
