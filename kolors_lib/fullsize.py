@@ -31,7 +31,7 @@ from kolors_lib.architecture import (
     copy_chatglm_tokenizer,
 )
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.files import staged_folder, write_json
+from kolors_lib.files import atomic_path, save_torch, staged_folder, write_json
 
 # shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE config.json: CLIP ViT-L/14 vision tower
 CLIP_VIT_L14_CONFIG: dict[str, Any] = {
@@ -94,13 +94,10 @@ def stream_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], make: Any
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, shape in shapes.items():
             f.write(make(name, shape).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
-    tmp.replace(path)
 
 
 def _meta_shapes(build: Any) -> dict[str, tuple[int, ...]]:
@@ -160,9 +157,7 @@ def write_full_chatglm(folder: Path, seed: int) -> None:
     for i, names in enumerate(shards, start=1):
         file = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
         state = {n: _chatglm_tensor(n, shapes[n], seed).to(torch.float16) for n in names}
-        tmp = folder / (file + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(folder / file)
+        save_torch(state, folder / file)
         weight_map.update({n: file for n in names})
         del state
     write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / "pytorch_model.bin.index.json")
