@@ -468,6 +468,58 @@ def write_report(clean_dir: Path, report: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- the step
 
 
+@dataclass
+class _RecipeRun:
+    """What one Data-Juicer run of the recipe kept and removed, per image and per op."""
+
+    kept_rows: list[dict[str, Any]]
+    job_dir: Path
+    swapped: dict[str, Any]
+    kept_ids: list[str]
+    ops: list[dict[str, Any]]
+    removed: list[dict[str, Any]]
+    model_ops: Any = None  # model_ops.ModelOps when the recipe ran
+
+
+def _write_input(cfg: Config, items: list[RawItem], path: Path, caption_mode: Any) -> None:
+    """Data-Juicer's input.jsonl: one row per raw image, blank captions as the captioner's placeholder."""
+    from kolors_lib.model_ops import blank_placeholder
+
+    with open(path, "w", encoding="utf-8") as fh:
+        for it in items:
+            # absolute paths: Data-Juicer resolves relative ones against its own guesses
+            text = blank_placeholder(it.text, cfg.data.default_caption, caption_mode)
+            row = {"id": it.id, "images": [str(it.path)], "text": text, "source": it.source}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _run_recipe(cfg: Config, items: list[RawItem], recipe_data: dict[str, Any], recipe_path: Path,
+                executor: str) -> _RecipeRun:
+    """Run the recipe on `items` in a fresh cfg.clean_dir/dj and attribute every removal to its op."""
+    # scratch space: stale job folders and traces would mislead the attribution
+    dj_dir = cfg.clean_dir / "dj"
+    if dj_dir.exists():
+        shutil.rmtree(dj_dir)
+    dj_dir.mkdir(parents=True)
+    if not items:
+        ops = [{"op": op_name(e)[0], "removed": 0, "remaining": 0} for e in recipe_data["process"]]
+        return _RecipeRun([], dj_dir, {}, [], ops, [])
+    from kolors_lib.attribution import Attribution
+    from kolors_lib.model_ops import prepare_model_ops
+
+    model_ops = prepare_model_ops(cfg, recipe_data["process"], dj_dir, recipe_path)
+    recipe_data = {**recipe_data, "process": model_ops.process}
+    _write_input(cfg, items, dj_dir / "input.jsonl", model_ops.caption_mode)
+    resolved = resolve_recipe(recipe_data, dj_dir, len(items), cfg.filter.num_proc, executor)
+    resolved_path = dj_dir / "recipe.yaml"
+    resolved_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    job_dir = run_data_juicer(resolved_path, executor, str(resolved.get("ray_address", "local")))
+    kept_rows = read_export(Path(resolved["export_path"]))
+    attribution = Attribution(items, kept_rows, job_dir)
+    kept_ids, ops, removed = attribution.run(recipe_data["process"])
+    return _RecipeRun(kept_rows, job_dir, attribution.swapped, kept_ids, ops, removed, model_ops)
+
+
 @logged_step("02_filter")
 @one_writer("filter")
 def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None = None) -> FilterResult:
@@ -479,43 +531,14 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
     recipe_path = Path(recipe or cfg.filter.recipe)
     recipe_data = load_recipe(recipe_path)
 
-    # scratch space: stale job folders and traces would mislead the attribution
-    dj_dir = cfg.clean_dir / "dj"
-    if dj_dir.exists():
-        shutil.rmtree(dj_dir)
-    dj_dir.mkdir(parents=True)
-    model_ops = None
-    if items:
-        from kolors_lib.model_ops import blank_placeholder, prepare_model_ops
-
-        model_ops = prepare_model_ops(cfg, recipe_data["process"], dj_dir, recipe_path)
-        recipe_data = {**recipe_data, "process": model_ops.process}
-        with open(dj_dir / "input.jsonl", "w", encoding="utf-8") as fh:
-            for it in items:
-                # absolute paths: Data-Juicer resolves relative ones against its own guesses
-                text = blank_placeholder(it.text, cfg.data.default_caption, model_ops.caption_mode)
-                row = {"id": it.id, "images": [str(it.path)], "text": text, "source": it.source}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        resolved = resolve_recipe(recipe_data, dj_dir, len(items), cfg.filter.num_proc, executor)
-        resolved_path = dj_dir / "recipe.yaml"
-        text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
-        resolved_path.write_text(text, encoding="utf-8")
-        job_dir = run_data_juicer(resolved_path, executor, str(resolved.get("ray_address", "local")))
-        kept_rows = read_export(Path(resolved["export_path"]))
-        from kolors_lib.attribution import Attribution
-
-        attribution = Attribution(items, kept_rows, job_dir)
-        kept_ids, ops, removed = attribution.run(recipe_data["process"])
-        swapped = attribution.swapped
-    else:
-        kept_rows, job_dir, swapped = [], dj_dir, {}
-        kept_ids, removed = [], []
-        ops = [{"op": op_name(e)[0], "removed": 0, "remaining": 0} for e in recipe_data["process"]]
+    run = _run_recipe(cfg, items, recipe_data, recipe_path, executor)
+    kept_ids, ops, removed = run.kept_ids, run.ops, run.removed
 
     by_id = {it.id: it for it in items}
     from kolors_lib.model_ops import apply_results
 
-    images, extra = apply_results(cfg, items, kept_ids, kept_rows, removed, job_dir, model_ops, swapped)
+    images, extra = apply_results(cfg, items, kept_ids, run.kept_rows, removed, run.job_dir, run.model_ops,
+                                  run.swapped)
     report = {
         "input": len(items) + len(skipped),
         "kept": len(kept_ids),
