@@ -94,6 +94,11 @@ class FilterConfig:
     caption_device: str | None = None  # None: the config's device (CPU when there is no CUDA)
 
 
+def lora_scale(alpha: float, rank: int) -> float:
+    """The training scale alpha/rank: what LoRA strength 1.0 means everywhere (W += strength·scale·B·A)."""
+    return float(alpha) / int(rank)
+
+
 @dataclass
 class LoraConfig:
     """LoRA shape and strength, read by training and by inference alike."""
@@ -105,7 +110,7 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         """The training scale alpha/rank: what strength 1.0 means everywhere."""
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank)
 
 
 @dataclass

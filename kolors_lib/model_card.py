@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kolors_lib.config import LORA_FILE, N_PANELS, panel_file
+from kolors_lib.config import LORA_FILE, N_PANELS, lora_scale, panel_file
 
 LORA_NAME = LORA_FILE
 EXPORTS = {"diffusers": "kolors_lora.diffusers.safetensors", "kohya": "kolors_lora.kohya.safetensors"}
@@ -117,7 +117,7 @@ class CardFacts:
     @property
     def scale(self) -> float:
         """The training scale alpha/rank (strength 1.0)."""
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank)
 
     @property
     def trigger(self) -> str:
