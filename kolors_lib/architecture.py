@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,6 +111,51 @@ CHATGLM_CONFIG: dict[str, Any] = {
 
 
 # ---------------------------------------------------------------- DiffSynth classes
+
+
+# Kwai-Kolors/Kolors model_index.json and scheduler/scheduler_config.json, as published
+KOLORS_MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "KolorsPipeline",
+    "_diffusers_version": "0.30.0.dev0",
+    "force_zeros_for_empty_prompt": False,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["kolors", "ChatGLMModel"],
+    "tokenizer": ["kolors", "ChatGLMTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+KOLORS_SCHEDULER: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.30.0.dev0",
+    "beta_end": 0.014,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1100,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_type": "discrete",
+    "use_karras_sigmas": False,
+}
+
+
+def chatglm_tokenizer_dir() -> Path:
+    """The ChatGLM tokenizer files that ship inside the diffsynth wheel (Kolors' tokenizer/ folder)."""
+    import diffsynth
+
+    return Path(diffsynth.__file__).parent / "tokenizer_configs" / "kolors" / "tokenizer"
+
+
+def copy_chatglm_tokenizer(folder: Path) -> None:
+    """Copy the tokenizer files next to ChatGLM's weights, as Kolors ships its text_encoder/ folder."""
+    for file in sorted(chatglm_tokenizer_dir().iterdir()):
+        shutil.copy2(file, folder / file.name)
 
 
 def _unet_blocks(cfg: dict[str, Any]) -> list[torch.nn.Module]:

@@ -147,6 +147,130 @@ def _check_widgets(where: str, spec: NodeSpec, node: Mapping[str, Any]) -> list[
     return errors
 
 
+def _index_nodes(nodes: list[Any], errors: list[str]) -> dict[int, Mapping[str, Any]]:
+    """Nodes by id; ids that are missing or used twice are reported."""
+    by_id: dict[int, Mapping[str, Any]] = {}
+    for node in nodes:
+        nid = node.get("id") if isinstance(node, Mapping) else None
+        if not _is_int(nid):
+            errors.append(f"node without an integer id: {node!r:.80}")
+        elif nid in by_id:
+            errors.append(f"node id {nid} is used twice")
+        else:
+            by_id[nid] = node
+    return by_id
+
+
+def _index_links(links: list[Any], errors: list[str]) -> dict[int, list[Any]]:
+    """Links by id; malformed links and ids used twice are reported."""
+    table: dict[int, list[Any]] = {}
+    for link in links:
+        if not (isinstance(link, list) and len(link) == 6 and all(_is_int(v) for v in link[:5])
+                and isinstance(link[5], str)):
+            errors.append(f"link {link!r}: expected [link_id, from_node, from_slot, to_node, to_slot, type]")
+        elif link[0] in table:
+            errors.append(f"link id {link[0]} is used twice")
+        else:
+            table[link[0]] = link
+    return table
+
+
+def _check_inputs(where: str, nid: int, spec: NodeSpec, node: Mapping[str, Any],
+                  table: Mapping[int, list[Any]]) -> list[str]:
+    """A node's declared inputs against its type, and each input's link against the links table."""
+    errors: list[str] = []
+    declared_in = {name: (typ, req) for name, typ, req in spec.inputs}
+    widget_names = {w.name: w for w in spec.widgets}
+    seen_inputs = set()
+    for slot, inp in enumerate(node.get("inputs") or []):
+        name, typ, link_id = inp.get("name"), inp.get("type"), inp.get("link")
+        seen_inputs.add(name)
+        if name in declared_in:
+            if typ != declared_in[name][0]:
+                errors.append(f"{where}: input {name!r} is declared {typ!r}, the node type takes "
+                              f"{declared_in[name][0]!r}")
+        elif not (inp.get("widget") and name in widget_names):  # a widget converted to an input is fine
+            errors.append(f"{where}: unknown input {name!r} (the node type has "
+                          f"{', '.join(declared_in) or 'no inputs'})")
+        if link_id is not None:
+            link = table.get(link_id)
+            if link is None:
+                errors.append(f"{where}: input {name!r} refers to link {link_id}, which does not exist")
+            elif (link[3], link[4]) != (nid, slot):
+                errors.append(f"{where}: input {name!r} (slot {slot}) refers to link {link_id}, which goes "
+                              f"to node {link[3]} slot {link[4]}")
+        elif declared_in.get(name, ("", False))[1]:
+            errors.append(f"{where}: required input {name!r} is not linked")
+    for name, (_, required) in declared_in.items():
+        if required and name not in seen_inputs:
+            errors.append(f"{where}: required input {name!r} is missing")
+    return errors
+
+
+def _check_outputs(where: str, nid: int, spec: NodeSpec, node: Mapping[str, Any],
+                   table: Mapping[int, list[Any]]) -> list[str]:
+    """A node's declared outputs against its type, and each listed link against the links table."""
+    errors: list[str] = []
+    outputs = node.get("outputs") or []
+    if len(outputs) > len(spec.outputs):
+        errors.append(f"{where}: {len(outputs)} outputs, the node type has {len(spec.outputs)}")
+    for slot, (out, (name, typ)) in enumerate(zip(outputs, spec.outputs, strict=False)):
+        if out.get("type") != typ:
+            errors.append(f"{where}: output {slot} is declared {out.get('type')!r}, the node type gives {typ!r}")
+        for link_id in out.get("links") or []:
+            link = table.get(link_id)
+            if link is None:
+                errors.append(f"{where}: output {name!r} lists link {link_id}, which does not exist")
+            elif (link[1], link[2]) != (nid, slot):
+                errors.append(f"{where}: output {name!r} (slot {slot}) lists link {link_id}, which comes from "
+                              f"node {link[1]} slot {link[2]}")
+    return errors
+
+
+def _check_link_source(where: str, link_id: int, src: int, src_slot: int, typ: str,
+                       by_id: Mapping[int, Mapping[str, Any]], spec: NodeSpec) -> list[str]:
+    """The link's source slot exists, gives the link's type, and lists the link."""
+    outs = spec.outputs
+    if not 0 <= src_slot < len(outs):
+        return [f"{where}: {by_id[src].get('type')} has no output slot {src_slot}"]
+    if outs[src_slot][1] != typ:
+        return [f"{where}: {by_id[src].get('type')} output {src_slot} gives {outs[src_slot][1]!r}, not {typ!r}"]
+    listed = (by_id[src].get("outputs") or [{}] * (src_slot + 1))
+    if src_slot >= len(listed) or link_id not in (listed[src_slot].get("links") or []):
+        return [f"{where}: node {src} does not list the link on output {src_slot}"]
+    return []
+
+
+def _check_link_target(where: str, link_id: int, dst: int, dst_slot: int, typ: str,
+                       by_id: Mapping[int, Mapping[str, Any]], spec: NodeSpec) -> list[str]:
+    """The link's target slot exists, takes the link's type, and holds the link."""
+    ins = by_id[dst].get("inputs") or []
+    if not 0 <= dst_slot < len(ins):
+        return [f"{where}: node {dst} has no input slot {dst_slot}"]
+    errors = []
+    name = ins[dst_slot].get("name")
+    want = {n: t for n, t, _ in spec.inputs}.get(name, ins[dst_slot].get("type"))
+    if want != typ:
+        errors.append(f"{where}: {by_id[dst].get('type')} input {name!r} takes {want!r}, not {typ!r}")
+    if ins[dst_slot].get("link") != link_id:
+        errors.append(f"{where}: node {dst} input {name!r} holds link {ins[dst_slot].get('link')}")
+    return errors
+
+
+def _check_links(table: Mapping[int, list[Any]], by_id: Mapping[int, Mapping[str, Any]],
+                 specs: Mapping[int, NodeSpec]) -> list[str]:
+    """Every link's endpoints exist and agree with the nodes at both ends."""
+    errors: list[str] = []
+    for link_id, (_, src, src_slot, dst, dst_slot, typ) in table.items():
+        where = f"link {link_id} ({src}:{src_slot} -> {dst}:{dst_slot}, {typ})"
+        errors += [f"{where}: node {end} does not exist" for end in (src, dst) if end not in by_id]
+        if src in specs:
+            errors += _check_link_source(where, link_id, src, src_slot, typ, by_id, specs[src])
+        if dst in specs:
+            errors += _check_link_target(where, link_id, dst, dst_slot, typ, by_id, specs[dst])
+    return errors
+
+
 def validate_workflow(data: Any) -> list[str]:
     """Problems of a ComfyUI workflow graph (front-end JSON); an empty list means it checks out.
 
@@ -161,29 +285,12 @@ def validate_workflow(data: Any) -> list[str]:
     if not isinstance(nodes, list) or not isinstance(links, list):
         return ["a workflow needs a 'nodes' list and a 'links' list"]
     errors: list[str] = []
-    by_id: dict[int, Mapping[str, Any]] = {}
-    for node in nodes:
-        nid = node.get("id") if isinstance(node, Mapping) else None
-        if not _is_int(nid):
-            errors.append(f"node without an integer id: {node!r:.80}")
-        elif nid in by_id:
-            errors.append(f"node id {nid} is used twice")
-        else:
-            by_id[nid] = node
-    table: dict[int, list[Any]] = {}
-    for link in links:
-        if not (isinstance(link, list) and len(link) == 6 and all(_is_int(v) for v in link[:5])
-                and isinstance(link[5], str)):
-            errors.append(f"link {link!r}: expected [link_id, from_node, from_slot, to_node, to_slot, type]")
-        elif link[0] in table:
-            errors.append(f"link id {link[0]} is used twice")
-        else:
-            table[link[0]] = link
+    by_id = _index_nodes(nodes, errors)
+    table = _index_links(links, errors)
     for key, ids in (("last_node_id", by_id), ("last_link_id", table)):
         last = data.get(key)
         if not _is_int(last) or (ids and last < max(ids)):
             errors.append(f"{key} is {last!r} but the highest id in use is {max(ids) if ids else None}")
-
     specs: dict[int, NodeSpec] = {}
     for nid, node in by_id.items():
         kind = node.get("type")
@@ -193,74 +300,10 @@ def validate_workflow(data: Any) -> list[str]:
             errors.append(f"{where}: unknown node type (known: {', '.join(sorted(NODE_SPECS))})")
             continue
         specs[nid] = spec
-        declared_in = {name: (typ, req) for name, typ, req in spec.inputs}
-        widget_names = {w.name: w for w in spec.widgets}
-        seen_inputs = set()
-        for slot, inp in enumerate(node.get("inputs") or []):
-            name, typ, link_id = inp.get("name"), inp.get("type"), inp.get("link")
-            seen_inputs.add(name)
-            if name in declared_in:
-                if typ != declared_in[name][0]:
-                    errors.append(f"{where}: input {name!r} is declared {typ!r}, the node type takes "
-                                  f"{declared_in[name][0]!r}")
-            elif not (inp.get("widget") and name in widget_names):  # a widget converted to an input is fine
-                errors.append(f"{where}: unknown input {name!r} (the node type has "
-                              f"{', '.join(declared_in) or 'no inputs'})")
-            if link_id is not None:
-                link = table.get(link_id)
-                if link is None:
-                    errors.append(f"{where}: input {name!r} refers to link {link_id}, which does not exist")
-                elif (link[3], link[4]) != (nid, slot):
-                    errors.append(f"{where}: input {name!r} (slot {slot}) refers to link {link_id}, which goes "
-                                  f"to node {link[3]} slot {link[4]}")
-            elif declared_in.get(name, ("", False))[1]:
-                errors.append(f"{where}: required input {name!r} is not linked")
-        for name, (_, required) in declared_in.items():
-            if required and name not in seen_inputs:
-                errors.append(f"{where}: required input {name!r} is missing")
-        outputs = node.get("outputs") or []
-        if len(outputs) > len(spec.outputs):
-            errors.append(f"{where}: {len(outputs)} outputs, the node type has {len(spec.outputs)}")
-        for slot, (out, (name, typ)) in enumerate(zip(outputs, spec.outputs, strict=False)):
-            if out.get("type") != typ:
-                errors.append(f"{where}: output {slot} is declared {out.get('type')!r}, the node type gives {typ!r}")
-            for link_id in out.get("links") or []:
-                link = table.get(link_id)
-                if link is None:
-                    errors.append(f"{where}: output {name!r} lists link {link_id}, which does not exist")
-                elif (link[1], link[2]) != (nid, slot):
-                    errors.append(f"{where}: output {name!r} (slot {slot}) lists link {link_id}, which comes from "
-                                  f"node {link[1]} slot {link[2]}")
+        errors += _check_inputs(where, nid, spec, node, table)
+        errors += _check_outputs(where, nid, spec, node, table)
         errors += _check_widgets(where, spec, node)
-
-    for link_id, (_, src, src_slot, dst, dst_slot, typ) in table.items():
-        where = f"link {link_id} ({src}:{src_slot} -> {dst}:{dst_slot}, {typ})"
-        for end in (src, dst):
-            if end not in by_id:
-                errors.append(f"{where}: node {end} does not exist")
-        if src in specs:
-            outs = specs[src].outputs
-            if not 0 <= src_slot < len(outs):
-                errors.append(f"{where}: {by_id[src].get('type')} has no output slot {src_slot}")
-            elif outs[src_slot][1] != typ:
-                errors.append(f"{where}: {by_id[src].get('type')} output {src_slot} gives {outs[src_slot][1]!r}, "
-                              f"not {typ!r}")
-            else:
-                listed = (by_id[src].get("outputs") or [{}] * (src_slot + 1))
-                if src_slot >= len(listed) or link_id not in (listed[src_slot].get("links") or []):
-                    errors.append(f"{where}: node {src} does not list the link on output {src_slot}")
-        if dst in specs:
-            ins = by_id[dst].get("inputs") or []
-            if not 0 <= dst_slot < len(ins):
-                errors.append(f"{where}: node {dst} has no input slot {dst_slot}")
-            else:
-                name = ins[dst_slot].get("name")
-                want = {n: t for n, t, _ in specs[dst].inputs}.get(name, ins[dst_slot].get("type"))
-                if want != typ:
-                    errors.append(f"{where}: {by_id[dst].get('type')} input {name!r} takes {want!r}, not {typ!r}")
-                if ins[dst_slot].get("link") != link_id:
-                    errors.append(f"{where}: node {dst} input {name!r} holds link {ins[dst_slot].get('link')}")
-    return errors
+    return errors + _check_links(table, by_id, specs)
 
 
 # ---------------------------------------------------------------- building our workflow

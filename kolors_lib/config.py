@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,6 @@ GRID_FILE = "storyboard.png"
 SCORES_CSV, SCORES_JSON = "scores.csv", "scores.json"
 N_PANELS = 8
 MODEL_KEYS = ("kolors", "vae_fp16_fix", "aesthetic", "captioner", "watermark", "nsfw")
-# models added after the first config files: a user config that does not name them gets these ids
-OPTIONAL_MODEL_IDS = {"captioner": "Qwen/Qwen2-VL-2B-Instruct", "watermark": "amrul-hzz/watermark_detector",
-                      "nsfw": "Falconsai/nsfw_image_detection"}
 CAPTION_MODES = ("keep", "fill", "replace")
 
 
@@ -44,7 +41,7 @@ class ModelSource:
     """Where one model comes from: a ModelScope id, or a local folder that overrides it."""
 
     model_id: str
-    local_dir: Path | None = None
+    local_dir: Path | None
 
 
 @dataclass
@@ -54,126 +51,135 @@ class ModelsConfig:
     kolors: ModelSource
     vae_fp16_fix: ModelSource
     aesthetic: ModelSource
-    captioner: ModelSource = field(default_factory=lambda: ModelSource(OPTIONAL_MODEL_IDS["captioner"]))
-    watermark: ModelSource = field(default_factory=lambda: ModelSource(OPTIONAL_MODEL_IDS["watermark"]))
-    nsfw: ModelSource = field(default_factory=lambda: ModelSource(OPTIONAL_MODEL_IDS["nsfw"]))
-    cache_dir: Path | None = None
+    captioner: ModelSource
+    watermark: ModelSource
+    nsfw: ModelSource
+    cache_dir: Path | None
 
 
 @dataclass
 class DataConfig:
     """Step 01: where the raw images come from."""
 
-    source: str = "modelscope"
-    dataset_id: str = "AI-ModelScope/lowres_anime"
-    subset: str = "default"
-    split: str = "train"
-    default_caption: str = ""
-    max_pixels: int = 100_000_000
-    limit: int | None = None
+    source: str
+    dataset_id: str
+    subset: str
+    split: str
+    default_caption: str
+    max_pixels: int
+    limit: int | None
 
 
 @dataclass
 class FilterConfig:
     """Step 02: the Data-Juicer recipe and caption rules."""
 
-    recipe: Path = CONFIG_DIR / "data_juicer.yaml"
-    executor: str = "default"
-    num_proc: int = 2
-    trigger_word: str = ""
-    add_tags: list[str] = field(default_factory=list)
-    remove_tags: list[str] = field(default_factory=list)
+    recipe: Path
+    executor: str
+    num_proc: int
+    trigger_word: str
+    add_tags: list[str]
+    remove_tags: list[str]
     # image_aesthetics_filter: keep images scoring at least this, on the challenge's 0-10 scale
-    aesthetic_min_score: float = 5.0
+    aesthetic_min_score: float
     # captioning (the recipe's kolors_caption_mapper): keep | fill | replace
-    caption_mode: str = "fill"
-    caption_instruction: str = "用一句中文描述这张图片的内容：人物、动作、物体和场景。不要描述画风。"
-    caption_batch_size: int = 4
-    caption_max_new_tokens: int = 64
-    caption_max_pixels: int = 1024 * 28 * 28  # at most ~1024 image tokens per picture
-    caption_device: str | None = None  # None: the config's device (CPU when there is no CUDA)
+    caption_mode: str
+    caption_instruction: str
+    caption_batch_size: int
+    caption_max_new_tokens: int
+    caption_max_pixels: int
+    caption_device: str | None  # None: the config's device (CPU when there is no CUDA)
+
+
+def lora_scale(alpha: float, rank: int) -> float:
+    """The training scale alpha/rank: what LoRA strength 1.0 means everywhere (W += strength·scale·B·A)."""
+    return float(alpha) / int(rank)
 
 
 @dataclass
 class LoraConfig:
     """LoRA shape and strength, read by training and by inference alike."""
 
-    rank: int = 16
-    alpha: float = 4.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"])
+    rank: int
+    alpha: float
+    target_modules: list[str]
 
     @property
     def scale(self) -> float:
         """The training scale alpha/rank: what strength 1.0 means everywhere."""
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank)
 
 
 @dataclass
 class TrainConfig:
-    """Step 03: LoRA training settings (defaults reproduce the camp's run on `full`)."""
+    """Step 03: LoRA training settings (default.yaml's values reproduce the camp's run on `full`)."""
 
-    steps: int = 500
-    epochs: int | None = None
-    batch_size: int = 1
-    grad_accum: int = 1
-    learning_rate: float = 1e-4
-    precision: str = "16-mixed"
-    gradient_checkpointing: bool = True
-    center_crop: bool = True
-    random_flip: bool = False
-    save_every: int = 100
-    validate_every: int = 0
-    validation_prompts: list[str] = field(default_factory=list)
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    strategy: str = "auto"
-    num_workers: int = 0
+    steps: int
+    epochs: int | None
+    batch_size: int
+    grad_accum: int
+    learning_rate: float
+    precision: str
+    gradient_checkpointing: bool
+    center_crop: bool
+    random_flip: bool
+    save_every: int
+    validate_every: int
+    validation_prompts: list[str]
+    accelerator: str
+    devices: Any
+    strategy: str
+    num_workers: int
 
 
 @dataclass
 class GenerateConfig:
     """Step 04: the story file and how its panels are rendered."""
 
-    story: Path = CONFIG_DIR / "story.yaml"
-    strength: float = 1.0
-    add_trigger_word: bool = True
+    story: Path
+    strength: float
+    add_trigger_word: bool
     # None: use the story file's values; the tiny profile sets small ones
-    steps: int | None = None
-    width: int | None = None
-    height: int | None = None
-    sweep_strengths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    offload_text_encoder: bool = True
+    steps: int | None
+    width: int | None
+    height: int | None
+    sweep_strengths: list[float]
+    offload_text_encoder: bool
     # best-of-N (kolors_lib/selection.py): seeds drafted per scene, draft settings, the objective's weight
-    candidates: int = 1
-    draft_steps: int | None = None
-    draft_scale: float = 1.0
-    consistency_weight: float = 5.0
+    candidates: int
+    draft_steps: int | None
+    draft_scale: float
+    consistency_weight: float
 
 
 @dataclass
 class ScoreConfig:
     """Step 05: the challenge's aesthetic gate."""
 
-    gate: float = 6.0
+    gate: float
 
 
 @dataclass
 class Config:
-    """Everything a step needs; every output path derives from `workdir`."""
+    """Everything a step needs; every output path derives from `workdir`.
+
+    The dataclasses here carry no defaults: every setting's default is in configs/default.yaml, which
+    a user's config file is layered over (load_config).
+    """
 
     profile: str
     workdir: Path
     models: ModelsConfig
-    data: DataConfig = field(default_factory=DataConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    seed: int = 42
-    resolution: int = 1024
-    device: str = "cuda"
-    source_file: Path | None = None
+    data: DataConfig
+    filter: FilterConfig
+    lora: LoraConfig
+    train: TrainConfig
+    generate: GenerateConfig
+    score: ScoreConfig
+    seed: int
+    resolution: int
+    device: str
+    source_file: Path | None  # the config file it was loaded from (set by the loader, not a setting)
 
     @property
     def raw_dir(self) -> Path:
@@ -316,13 +322,26 @@ def resolve_profile(profile: str) -> str:
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
+    """`cls(**data)`, with an error naming `where` for a non-mapping, unknown keys or missing keys."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    missing = [name for name in names if name not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)} ({DEFAULT_CONFIG} has every setting; "
+                          "a config file with `inherit: false` must name them all)")
     return cls(**data)
+
+
+def default_setting(*keys: str) -> Any:
+    """One setting's value in configs/default.yaml (relative paths made absolute), e.g. ("filter", "recipe")."""
+    node: Any = read_yaml(DEFAULT_CONFIG)
+    for key in keys:
+        node = node[key]
+    return node
 
 
 def _path(value: Any, base: Path, workdir: Path | None = None) -> Path | None:
@@ -465,8 +484,7 @@ def _from_dict(
     cache = _path(models_raw.pop("cache_dir", None), base, wd)
     sources = {}
     for key in MODEL_KEYS:
-        default = {"model_id": OPTIONAL_MODEL_IDS[key]} if key in OPTIONAL_MODEL_IDS else {}
-        src = _build(ModelSource, {**default, **(models_raw.pop(key, None) or {})}, f"{where}: models.{key}")
+        src = _build(ModelSource, models_raw.pop(key, None) or {}, f"{where}: models.{key}")
         src.local_dir = _path(src.local_dir, base, wd)
         sources[key] = src
     if models_raw:
@@ -475,7 +493,7 @@ def _from_dict(
     if data_cfg.source not in ("modelscope", "sample"):
         data_cfg.source = str(_path(data_cfg.source, base, wd))
     filt = _build(FilterConfig, data.pop("filter", {}) or {}, f"{where}: filter")
-    filt.recipe = _path(filt.recipe, base, wd) or FilterConfig().recipe
+    filt.recipe = _path(filt.recipe, base, wd) or Path(default_setting("filter", "recipe"))
     if filt.executor not in ("default", "ray"):
         raise ConfigError(f"{where}: filter.executor must be 'default' or 'ray', not {filt.executor!r}")
     if filt.caption_mode not in CAPTION_MODES:
@@ -484,16 +502,13 @@ def _from_dict(
     lora = _build(LoraConfig, data.pop("lora", {}) or {}, f"{where}: lora")
     train = _build(TrainConfig, data.pop("train", {}) or {}, f"{where}: train")
     gen = _build(GenerateConfig, data.pop("generate", {}) or {}, f"{where}: generate")
-    gen.story = _path(gen.story, base, wd) or GenerateConfig().story
+    gen.story = _path(gen.story, base, wd) or Path(default_setting("generate", "story"))
     score = _build(ScoreConfig, data.pop("score", {}) or {}, f"{where}: score")
+    cfg = _build(Config, {**data, "profile": profile, "workdir": wd, "source_file": source.resolve(),
+                          "models": ModelsConfig(cache_dir=cache, **sources), "data": data_cfg, "filter": filt,
+                          "lora": lora, "train": train, "generate": gen, "score": score}, where)
     try:
-        return check_config(_build(
-        Config,
-        {**data, "profile": profile, "workdir": wd, "source_file": source.resolve(),
-         "models": ModelsConfig(cache_dir=cache, **sources), "data": data_cfg, "filter": filt,
-         "lora": lora, "train": train, "generate": gen, "score": score},
-        where,
-        ))
+        return check_config(cfg)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
 

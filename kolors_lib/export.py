@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import LORA_FORMATS
+from kolors_lib.config import LORA_FORMATS, lora_scale
 from kolors_lib.errors import LoraFormatError, LoraMismatchError, LoraNotFoundError
 from kolors_lib.files import save_safetensors
 
@@ -224,9 +224,9 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any] |
             scale = 1.0  # diffusers applies PEFT-style files without alphas at scale 1.0 (ours are baked)
         elif fmt == "kohya":
             # kohya: alpha/rank, and a missing alpha means alpha = rank
-            scale = float(p["alpha"].item()) / rank if "alpha" in p else 1.0
+            scale = lora_scale(p["alpha"].item(), rank) if "alpha" in p else 1.0
         else:
-            scale = default_alpha / rank
+            scale = lora_scale(default_alpha, rank)
         pairs[module] = LoraPair(p["down"], p["up"], scale)
     return pairs
 
@@ -259,7 +259,7 @@ def render_lora(pairs: Mapping[str, LoraPair], fmt: str, rank: int, alpha: float
         pair = pairs[module]
         if fmt == "diffsynth":
             out[f"{module}.lora_A.default.weight"] = pair.down
-            out[f"{module}.lora_B.default.weight"] = _up_for(pair, alpha / pair.rank)
+            out[f"{module}.lora_B.default.weight"] = _up_for(pair, lora_scale(alpha, pair.rank))
         elif fmt == "diffusers":
             name = diffusers_module(module)
             out[f"unet.{name}.lora_A.weight"] = pair.down
@@ -267,7 +267,7 @@ def render_lora(pairs: Mapping[str, LoraPair], fmt: str, rank: int, alpha: float
         elif fmt == "kohya":
             name = f"lora_unet_{kohya_module(module)}"
             out[f"{name}.lora_down.weight"] = pair.down
-            out[f"{name}.lora_up.weight"] = _up_for(pair, alpha / pair.rank)
+            out[f"{name}.lora_up.weight"] = _up_for(pair, lora_scale(alpha, pair.rank))
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
         else:
             raise LoraFormatError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -388,7 +388,7 @@ class LoraSpec:
     @property
     def scale(self) -> float:
         """The training scale alpha/rank (strength 1.0)."""
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank)
 
 
 def read_lora_spec(path: str | Path, alpha: float | None = None, fallback_alpha: float | None = None) -> LoraSpec:
@@ -428,7 +428,7 @@ def export_lora(src: str | Path, fmt: str, dest: str | Path, alpha: float | None
 
 def diffsynth_lora_alpha(strength: float, rank: int, alpha: float) -> float:
     """The `lora_alpha` for DiffSynth's `ModelManager.load_lora` (W += x·B·A) matching `strength` here."""
-    return float(strength) * float(alpha) / int(rank)
+    return float(strength) * lora_scale(alpha, rank)
 
 
 def check_lora_fits(model: torch.nn.Module, pairs: Mapping[str, LoraPair]) -> None:

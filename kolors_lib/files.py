@@ -136,13 +136,14 @@ def save_torch(state: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine (signal 0 probes without sending)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # it exists, owned by someone else
     return True
 
 
@@ -165,7 +166,7 @@ def recover_folder(target: str | Path) -> Path:
         prefix = f".{target.name}.{kind}-"
         for leftover in sorted(target.parent.glob(f"{glob.escape(prefix)}*")):
             owner = _leftover_owner(leftover.name, prefix)
-            if owner is not None and owner != os.getpid() and _pid_alive(owner):
+            if owner is not None and owner != os.getpid() and pid_alive(owner):
                 continue
             if kind == "old" and not (target.exists() or target.is_symlink()):
                 os.replace(leftover, target)  # the swap was killed after moving the old folder aside

@@ -13,16 +13,11 @@ live under `cfg.clean_dir/"dj"`.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import os
 import re
 import shutil
-import sys
-import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +27,8 @@ import yaml
 from kolors_lib.config import Config
 from kolors_lib.console import logged_step
 from kolors_lib.console import progress as tqdm  # finished bars in saved notebooks
-from kolors_lib.errors import CourseError, FilterError
+from kolors_lib.dj_runtime import run_data_juicer
+from kolors_lib.errors import FilterError
 from kolors_lib.files import recover_folder, staged_folder, write_json, write_text
 from kolors_lib.lock import one_writer
 
@@ -253,181 +249,6 @@ def resolve_recipe(
     return out
 
 
-@contextlib.contextmanager
-def _no_runtime_installs() -> Iterator[None]:
-    """Make Data-Juicer's lazy importer fail loudly instead of pip-installing a missing package."""
-    from data_juicer.utils.lazy_loader import LazyLoader
-
-    original = LazyLoader.__dict__["_install_package"]
-
-    def refuse(cls: type, package_spec: str, pip_args: Any = None) -> None:
-        raise FilterError(
-            f"Data-Juicer tried to install {package_spec!r} at run time; install it in the venv "
-            f"beforehand (see requirements.txt)"
-        )
-
-    LazyLoader._install_package = classmethod(refuse)
-    try:
-        yield
-    finally:
-        LazyLoader._install_package = original
-
-
-@contextlib.contextmanager
-def _dj_process_state() -> Iterator[None]:
-    """Undo Data-Juicer's process-wide side effects: stdout/stderr redirection and RAY_JOB."""
-    stdout, stderr = sys.stdout, sys.stderr
-    ray_job = os.environ.get("RAY_JOB")
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = stdout, stderr
-        _reset_dj_logger()
-        if ray_job is None:
-            os.environ.pop("RAY_JOB", None)
-        else:
-            os.environ["RAY_JOB"] = ray_job
-
-
-def _reset_dj_logger() -> None:
-    """Close the log files Data-Juicer opened in its job folder; the next run opens its own.
-
-    Data-Juicer sets up its logger once per process, so without this a second run would keep
-    writing into the first run's (by then deleted) job folder.
-    """
-    from data_juicer.utils import logger_utils
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="INFO")
-    logger_utils.LOGGER_SETUP = False
-
-
-def _ray_worker_setup() -> None:
-    """Run in every Ray worker: offline hubs and the CPU torchvision shim (imagededup needs it)."""
-    from kolors_lib.compat import offline_hub_env, patch_torchvision
-
-    offline_hub_env()
-    patch_torchvision()
-
-
-@contextlib.contextmanager
-def _local_ray(address: str) -> Iterator[None]:
-    """Start a local Ray whose workers get the environment fixes; shut it down afterwards."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    prefixes = ("HF_", "TRANSFORMERS_", "_DJ_SPECIAL_TOKEN_")
-    env = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
-    env["RAY_JOB"] = "1"
-    from kolors_lib.console import real_streams
-
-    with real_streams():
-        ray.init(
-            address,
-            runtime_env={"worker_process_setup_hook": "kolors_lib.filtering._ray_worker_setup", "env_vars": env},
-            include_dashboard=False,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@contextlib.contextmanager
-def _quiet_console() -> Iterator[None]:
-    """Data-Juicer's console log at WARNING and no `datasets` bars; its job-folder log files keep INFO.
-
-    A learner's notebook otherwise fills with hundreds of lines of configuration tables and
-    per-op progress bars; the per-op counts are shown as a table by step 02 instead.
-    """
-    import datasets
-    from data_juicer.config import config as dj_config
-    from loguru import logger
-
-    add, display = logger.add, dj_config.display_config
-
-    def console_at_warning(sink: Any, *args: Any, **kwargs: Any) -> int:
-        if sink is sys.stderr or sink is sys.stdout:
-            kwargs["level"] = "WARNING"
-        return add(sink, *args, **kwargs)
-
-    bars = datasets.is_progress_bar_enabled()
-    logger.add = console_at_warning  # Data-Juicer adds its sinks inside init_configs
-    dj_config.display_config = lambda cfg: None  # a ~300-line table; the recipe is saved in the job folder
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        del logger.add  # the instance attribute shadowed the method; this restores it
-        dj_config.display_config = display
-        if bars:
-            datasets.enable_progress_bars()
-
-
-_FORK_HOOK: list[bool] = []
-
-
-def single_threaded_forks() -> None:
-    """Make every process forked from here on run torch on one thread (registered once per process).
-
-    datasets' map forks a worker pool even for num_proc=1, so the model ops (aesthetic filter,
-    captioner) run torch in a forked child; an OpenMP thread pool inherited across fork can deadlock
-    there (the same reason PyTorch's DataLoader workers call torch.set_num_threads(1)).
-    """
-    if _FORK_HOOK:
-        return
-    import torch
-
-    os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
-    _FORK_HOOK.append(True)
-
-
-def run_data_juicer(recipe_path: Path, executor: str, ray_address: str = "local") -> Path:
-    """Run a resolved recipe with Data-Juicer's Python API; return the job folder (traces, logs)."""
-    from kolors_lib.compat import offline_hub_env, patch_torchvision
-
-    # HF datasets phones home on every jsonl load; imagededup imports torchvision
-    offline_hub_env()
-    patch_torchvision()
-    single_threaded_forks()
-    # Ray must be up before init_configs, which already asks the cluster for its CPU count
-    ray = _local_ray(ray_address) if executor == "ray" else contextlib.nullcontext()
-    with _dj_process_state(), _no_runtime_installs(), _quiet_console(), ray:
-        from data_juicer.config import init_configs
-
-        import kolors_lib.captioning  # noqa: F401 - registers kolors_caption_mapper before the recipe is read
-
-        dj_cfg = init_configs(args=["--config", str(recipe_path)])
-        if executor == "ray":
-            from data_juicer.core.executor.ray_executor import RayExecutor as Executor
-        else:
-            from data_juicer.core import DefaultExecutor as Executor
-        try:
-            Executor(dj_cfg).run()
-        except CourseError:
-            raise
-        except Exception as err:
-            raise FilterError(f"Data-Juicer's {failing_op(err)} failed: {type(err).__name__}: {err} "
-                              f"(recipe {recipe_path}; nothing was written)") from err
-    return Path(dj_cfg.work_dir)
-
-
-def failing_op(err: BaseException) -> str:
-    """Name of the Data-Juicer op running when `err` was raised (innermost op frame), or 'a recipe op'."""
-    # frames inside a worker process are lost in the pool's re-raise; the op's run() frame remains
-    name = "a recipe op"
-    for frame, _ in traceback.walk_tb(err.__traceback__):
-        op = frame.f_locals.get("self")
-        if isinstance(getattr(op, "_name", None), str) and hasattr(op, "run"):
-            name = op._name
-    return name
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every non-empty line of a JSON-lines file, parsed."""
     with open(path, encoding="utf-8") as fh:
@@ -486,6 +307,58 @@ def write_report(clean_dir: Path, report: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- the step
 
 
+@dataclass
+class _RecipeRun:
+    """What one Data-Juicer run of the recipe kept and removed, per image and per op."""
+
+    kept_rows: list[dict[str, Any]]
+    job_dir: Path
+    swapped: dict[str, Any]
+    kept_ids: list[str]
+    ops: list[dict[str, Any]]
+    removed: list[dict[str, Any]]
+    model_ops: Any = None  # model_ops.ModelOps when the recipe ran
+
+
+def _write_input(cfg: Config, items: list[RawItem], path: Path, caption_mode: Any) -> None:
+    """Data-Juicer's input.jsonl: one row per raw image, blank captions as the captioner's placeholder."""
+    from kolors_lib.model_ops import blank_placeholder
+
+    with open(path, "w", encoding="utf-8") as fh:
+        for it in items:
+            # absolute paths: Data-Juicer resolves relative ones against its own guesses
+            text = blank_placeholder(it.text, cfg.data.default_caption, caption_mode)
+            row = {"id": it.id, "images": [str(it.path)], "text": text, "source": it.source}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _run_recipe(cfg: Config, items: list[RawItem], recipe_data: dict[str, Any], recipe_path: Path,
+                executor: str) -> _RecipeRun:
+    """Run the recipe on `items` in a fresh cfg.clean_dir/dj and attribute every removal to its op."""
+    # scratch space: stale job folders and traces would mislead the attribution
+    dj_dir = cfg.clean_dir / "dj"
+    if dj_dir.exists():
+        shutil.rmtree(dj_dir)
+    dj_dir.mkdir(parents=True)
+    if not items:
+        ops = [{"op": op_name(e)[0], "removed": 0, "remaining": 0} for e in recipe_data["process"]]
+        return _RecipeRun([], dj_dir, {}, [], ops, [])
+    from kolors_lib.attribution import Attribution
+    from kolors_lib.model_ops import prepare_model_ops
+
+    model_ops = prepare_model_ops(cfg, recipe_data["process"], dj_dir, recipe_path)
+    recipe_data = {**recipe_data, "process": model_ops.process}
+    _write_input(cfg, items, dj_dir / "input.jsonl", model_ops.caption_mode)
+    resolved = resolve_recipe(recipe_data, dj_dir, len(items), cfg.filter.num_proc, executor)
+    resolved_path = dj_dir / "recipe.yaml"
+    resolved_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    job_dir = run_data_juicer(resolved_path, executor, str(resolved.get("ray_address", "local")))
+    kept_rows = read_export(Path(resolved["export_path"]))
+    attribution = Attribution(items, kept_rows, job_dir)
+    kept_ids, ops, removed = attribution.run(recipe_data["process"])
+    return _RecipeRun(kept_rows, job_dir, attribution.swapped, kept_ids, ops, removed, model_ops)
+
+
 @logged_step("02_filter")
 @one_writer("filter")
 def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None = None) -> FilterResult:
@@ -497,43 +370,14 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
     recipe_path = Path(recipe or cfg.filter.recipe)
     recipe_data = load_recipe(recipe_path)
 
-    # scratch space: stale job folders and traces would mislead the attribution
-    dj_dir = cfg.clean_dir / "dj"
-    if dj_dir.exists():
-        shutil.rmtree(dj_dir)
-    dj_dir.mkdir(parents=True)
-    model_ops = None
-    if items:
-        from kolors_lib.model_ops import blank_placeholder, prepare_model_ops
-
-        model_ops = prepare_model_ops(cfg, recipe_data["process"], dj_dir, recipe_path)
-        recipe_data = {**recipe_data, "process": model_ops.process}
-        with open(dj_dir / "input.jsonl", "w", encoding="utf-8") as fh:
-            for it in items:
-                # absolute paths: Data-Juicer resolves relative ones against its own guesses
-                text = blank_placeholder(it.text, cfg.data.default_caption, model_ops.caption_mode)
-                row = {"id": it.id, "images": [str(it.path)], "text": text, "source": it.source}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        resolved = resolve_recipe(recipe_data, dj_dir, len(items), cfg.filter.num_proc, executor)
-        resolved_path = dj_dir / "recipe.yaml"
-        text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
-        resolved_path.write_text(text, encoding="utf-8")
-        job_dir = run_data_juicer(resolved_path, executor, str(resolved.get("ray_address", "local")))
-        kept_rows = read_export(Path(resolved["export_path"]))
-        from kolors_lib.attribution import Attribution
-
-        attribution = Attribution(items, kept_rows, job_dir)
-        kept_ids, ops, removed = attribution.run(recipe_data["process"])
-        swapped = attribution.swapped
-    else:
-        kept_rows, job_dir, swapped = [], dj_dir, {}
-        kept_ids, removed = [], []
-        ops = [{"op": op_name(e)[0], "removed": 0, "remaining": 0} for e in recipe_data["process"]]
+    run = _run_recipe(cfg, items, recipe_data, recipe_path, executor)
+    kept_ids, ops, removed = run.kept_ids, run.ops, run.removed
 
     by_id = {it.id: it for it in items}
     from kolors_lib.model_ops import apply_results
 
-    images, extra = apply_results(cfg, items, kept_ids, kept_rows, removed, job_dir, model_ops, swapped)
+    images, extra = apply_results(cfg, items, kept_ids, run.kept_rows, removed, run.job_dir, run.model_ops,
+                                  run.swapped)
     report = {
         "input": len(items) + len(skipped),
         "kept": len(kept_ids),

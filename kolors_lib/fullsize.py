@@ -14,15 +14,24 @@ import hashlib
 import json
 import shutil
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kolors_lib.architecture import CHATGLM_CONFIG, KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG
+from kolors_lib.architecture import (
+    CHATGLM_CONFIG,
+    KOLORS_MODEL_INDEX,
+    KOLORS_SCHEDULER,
+    KOLORS_UNET_CONFIG,
+    SDXL_VAE_CONFIG,
+    chatglm_tokenizer_dir,
+    copy_chatglm_tokenizer,
+)
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.files import staged_folder, write_json
-from kolors_lib.tiny import KOLORS_MODEL_INDEX, KOLORS_SCHEDULER, _tokenizer_dir, write_predictor_processor
+from kolors_lib.files import atomic_path, save_torch, staged_folder, write_json
 
 # shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE config.json: CLIP ViT-L/14 vision tower
 CLIP_VIT_L14_CONFIG: dict[str, Any] = {
@@ -85,13 +94,10 @@ def stream_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], make: Any
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, shape in shapes.items():
             f.write(make(name, shape).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
-    tmp.replace(path)
 
 
 def _meta_shapes(build: Any) -> dict[str, tuple[int, ...]]:
@@ -151,15 +157,12 @@ def write_full_chatglm(folder: Path, seed: int) -> None:
     for i, names in enumerate(shards, start=1):
         file = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
         state = {n: _chatglm_tensor(n, shapes[n], seed).to(torch.float16) for n in names}
-        tmp = folder / (file + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(folder / file)
+        save_torch(state, folder / file)
         weight_map.update({n: file for n in names})
         del state
     write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / "pytorch_model.bin.index.json")
     write_json(CHATGLM_CONFIG, folder / "config.json")
-    for file in sorted(_tokenizer_dir().iterdir()):
-        shutil.copy2(file, folder / file.name)
+    copy_chatglm_tokenizer(folder)
 
 
 def write_full_aesthetic(folder: Path, seed: int) -> None:
@@ -175,26 +178,73 @@ def write_full_aesthetic(folder: Path, seed: int) -> None:
     write_predictor_processor(folder, CLIP_VIT_L14_CONFIG["image_size"])
 
 
-def write_full_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
-    """Write the real-size random Kolors, fp16-fix VAE and aesthetic predictor under `dest` (~17 GB)."""
+def write_predictor_processor(folder: Path, size: int) -> None:
+    """The predictor's image processor and CLIP tokenizer: Data-Juicer loads a whole CLIPProcessor."""
+    patch_torchvision()  # transformers' image utils import torchvision
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        folder)
+    write_clip_tokenizer(folder)
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """A minimal CLIP tokenizer: the real repo has one, and Data-Juicer loads a full CLIPProcessor."""
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["<|startoftext|>", "<|endoftext|>", *(f"{c}</w>" for c in letters), *letters]
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    vocab.write_text(json.dumps({w: i for i, w in enumerate(words)}), encoding="utf-8")
+    merges.write_text("#version: 0.2\n", encoding="utf-8")
+    CLIPTokenizer(str(vocab), str(merges)).save_pretrained(folder)
+
+
+Writer = Callable[[Path, int], None]  # (folder, seed) -> writes one model there
+
+
+@dataclass(frozen=True)
+class RandomKolors:
+    """One size of random Kolors: its writers, and what its marker file records."""
+
+    size: str  # "tiny" or "full": the marker is <size>-kolors.json
+    unet: Writer
+    vae: Writer
+    chatglm: Writer
+    aesthetic: Writer
+    info: dict[str, Any]  # a marker with exactly this content means the set is already written
+    extra: dict[str, tuple[str, Writer]] = field(default_factory=dict)  # key -> (folder, writer)
+
+
+def write_random_kolors(dest: str | Path, kind: RandomKolors, seed: int, overwrite: bool) -> dict[str, Path]:
+    """Write Kolors, the fp16-fix VAE, the aesthetic predictor (and extras) of one size; return their dirs."""
     dest = Path(dest)
     out = {"kolors": dest / "Kolors", "vae_fp16_fix": dest / "sdxl-vae-fp16-fix",
            "aesthetic": dest / "aesthetics-predictor"}
-    marker = dest / "full-kolors.json"
-    # "layout" changes when the files written change, so an older folder is rewritten
-    info = {"seed": seed, "size": "full", "weights": "fp16", "std": WEIGHT_STD, "pool": POOL_SIZE, "layout": 2}
-    if marker.exists() and not overwrite and json.loads(marker.read_text()) == info:
+    out.update({key: dest / folder for key, (folder, _) in kind.extra.items()})
+    marker = dest / f"{kind.size}-kolors.json"
+    if marker.exists() and not overwrite and json.loads(marker.read_text()) == kind.info:
         return out
     # swap in whole, so a half-written model folder is never picked up
     with staged_folder(dest) as tmp:
         kolors = tmp / "Kolors"
         write_json(KOLORS_MODEL_INDEX, kolors / "model_index.json")
         write_json(KOLORS_SCHEDULER, kolors / "scheduler" / "scheduler_config.json")
-        write_full_unet(kolors / "unet", seed)
-        write_full_vae(kolors / "vae", seed + 1)
-        write_full_chatglm(kolors / "text_encoder", seed + 2)
-        shutil.copytree(_tokenizer_dir(), kolors / "tokenizer")
-        write_full_vae(tmp / "sdxl-vae-fp16-fix", seed + 3)
-        write_full_aesthetic(tmp / "aesthetics-predictor", seed + 4)
-        write_json(info, tmp / "full-kolors.json")
+        kind.unet(kolors / "unet", seed)
+        kind.vae(kolors / "vae", seed + 1)
+        kind.chatglm(kolors / "text_encoder", seed + 2)
+        shutil.copytree(chatglm_tokenizer_dir(), kolors / "tokenizer")
+        kind.vae(tmp / "sdxl-vae-fp16-fix", seed + 3)
+        kind.aesthetic(tmp / "aesthetics-predictor", seed + 4)
+        for offset, (folder, writer) in enumerate(kind.extra.values(), start=5):
+            writer(tmp / folder, seed + offset)
+        write_json(kind.info, tmp / marker.name)
     return out
+
+
+def write_full_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
+    """Write the real-size random Kolors, fp16-fix VAE and aesthetic predictor under `dest` (~17 GB)."""
+    # "layout" changes when the files written change, so an older folder is rewritten
+    info = {"seed": seed, "size": "full", "weights": "fp16", "std": WEIGHT_STD, "pool": POOL_SIZE, "layout": 2}
+    full = RandomKolors("full", write_full_unet, write_full_vae, write_full_chatglm, write_full_aesthetic, info)
+    return write_random_kolors(dest, full, seed, overwrite)

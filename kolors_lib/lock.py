@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kolors_lib.errors import CourseError
+from kolors_lib.files import pid_alive
 
 F = TypeVar("F", bound=Callable[..., Any])
 _HELD: set[Path] = set()  # locks this process holds (a step calling itself again must not block)
@@ -30,16 +31,6 @@ class BusyError(CourseError, RuntimeError):
 def lock_path(workdir: Path, step: str) -> Path:
     """The lock file of `step` in `workdir`."""
     return Path(workdir) / f".lock-{step}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, owned by someone else
-    return True
 
 
 def _holder(path: Path) -> dict[str, Any] | None:
@@ -77,7 +68,7 @@ def step_lock(workdir: str | Path, step: str) -> Iterator[Path]:
         if holder is not None and holder["pid"] == os.getppid() and holder.get("host") == record["host"]:
             yield path  # a worker the holder started (Lightning's DDP re-launch): part of the same run
             return
-        if holder is not None and (holder.get("host") != record["host"] or _alive(holder["pid"])):
+        if holder is not None and (holder.get("host") != record["host"] or pid_alive(holder["pid"])):
             raise BusyError(f"another {step} is running in {path.parent} (pid {holder['pid']}: "
                             f"{holder.get('command', '?')}); wait for it to finish or stop it, then run again "
                             f"(lock: {path})")

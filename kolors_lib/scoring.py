@@ -293,6 +293,35 @@ def scores_dest(cfg: Config, folder: Path, out: str | Path | None = None) -> Pat
     return folder.resolve().parent / f"{folder.resolve().name}-scores"
 
 
+def _score_images(folder: Path, images: list[str], model: Any, processor: Any, dev: str, batch_size: int,
+                  non_panel: Sequence[str]) -> tuple[dict[str, float], dict[str, Any], list[dict[str, Any]]]:
+    """Aesthetic scores and image embeddings of `images`, batch by batch; unreadable files are listed, not fatal."""
+    import torch
+
+    scores: dict[str, float] = {}
+    embeds: dict[str, torch.Tensor] = {}
+    unreadable: list[dict[str, Any]] = []
+    with tqdm(total=len(images), desc="aesthetic score", unit="img") as bar:
+        # batches bound memory on big sweep folders; images are decoded one batch at a time
+        for start in range(0, len(images), max(1, batch_size)):
+            batch, pixels = [], []
+            for name in images[start:start + batch_size]:
+                try:
+                    pixels.append(_read_image(folder / name))
+                    batch.append(name)
+                except ValueError as err:
+                    unreadable.append({"file": name, "reason": str(err), "panel": is_panel(name, non_panel)})
+            if batch:
+                inputs = processor(images=pixels, return_tensors="pt")
+                with torch.no_grad():
+                    out = model(pixel_values=inputs["pixel_values"].to(dev))
+                for i, name in enumerate(batch):
+                    scores[name] = float(out.logits[i, 0])
+                    embeds[name] = out.hidden_states[i].detach().float().cpu()  # already L2-normalised
+            bar.update(len(images[start:start + batch_size]))
+    return scores, embeds, unreadable
+
+
 @logged_step("05_score")
 @one_writer("score")
 def score_folder(
@@ -330,27 +359,7 @@ def score_folder(
     dev = resolve_device(device or device_plan(cfg).get("score", "aesthetic").device)
     model, processor = load_predictor(model_folder, dev)
 
-    scores: dict[str, float] = {}
-    embeds: dict[str, torch.Tensor] = {}
-    unreadable: list[dict[str, Any]] = []
-    with tqdm(total=len(images), desc="aesthetic score", unit="img") as bar:
-        # batches bound memory on big sweep folders; images are decoded one batch at a time
-        for start in range(0, len(images), max(1, batch_size)):
-            batch, pixels = [], []
-            for name in images[start:start + batch_size]:
-                try:
-                    pixels.append(_read_image(folder / name))
-                    batch.append(name)
-                except ValueError as err:
-                    unreadable.append({"file": name, "reason": str(err), "panel": is_panel(name, non_panel)})
-            if batch:
-                inputs = processor(images=pixels, return_tensors="pt")
-                with torch.no_grad():
-                    out = model(pixel_values=inputs["pixel_values"].to(dev))
-                for i, name in enumerate(batch):
-                    scores[name] = float(out.logits[i, 0])
-                    embeds[name] = out.hidden_states[i].detach().float().cpu()  # already L2-normalised
-            bar.update(len(images[start:start + batch_size]))
+    scores, embeds, unreadable = _score_images(folder, images, model, processor, dev, batch_size, non_panel)
     del model
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kolors_lib.architecture import CHATGLM_CONFIG, KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG
+from kolors_lib.architecture import CHATGLM_CONFIG, KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, copy_chatglm_tokenizer
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.files import staged_folder, write_json
+from kolors_lib.files import write_json
+from kolors_lib.fullsize import RandomKolors, write_predictor_processor, write_random_kolors
 
 # The tiny sizes: channels are multiples of 32 (GroupNorm(32)); the block layout, layer
 # counts and therefore every parameter name stay those of the real model.
@@ -39,37 +39,6 @@ TINY_CLIP_VISION = {
     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
     "image_size": 32, "patch_size": 8, "projection_dim": 32,
 }
-
-KOLORS_MODEL_INDEX = {
-    "_class_name": "KolorsPipeline",
-    "_diffusers_version": "0.30.0.dev0",
-    "force_zeros_for_empty_prompt": False,
-    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    "text_encoder": ["kolors", "ChatGLMModel"],
-    "tokenizer": ["kolors", "ChatGLMTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-KOLORS_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "_diffusers_version": "0.30.0.dev0",
-    "beta_end": 0.014,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "dynamic_thresholding_ratio": 0.995,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1100,
-    "prediction_type": "epsilon",
-    "rescale_betas_zero_snr": False,
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "timestep_type": "discrete",
-    "use_karras_sigmas": False,
-}
-
 
 def tiny_unet_config() -> dict[str, Any]:
     """Kolors' UNet config with the tiny sizes."""
@@ -99,13 +68,6 @@ def _save_diffusers(model: torch.nn.Module, folder: Path, config: dict[str, Any]
     name = f"diffusion_pytorch_model{f'.{variant}' if variant else ''}.safetensors"
     save_file(state, str(folder / name), metadata={"format": "pt"})
     write_json(config, folder / "config.json")
-
-
-def _tokenizer_dir() -> Path:
-    """The ChatGLM tokenizer files that ship inside the diffsynth wheel."""
-    import diffsynth
-
-    return Path(diffsynth.__file__).parent / "tokenizer_configs" / "kolors" / "tokenizer"
 
 
 def write_tiny_unet(folder: Path, seed: int) -> None:
@@ -145,8 +107,7 @@ def write_tiny_chatglm(folder: Path, seed: int) -> None:
     model.save_pretrained(folder, safe_serialization=False, max_shard_size="8MB")
     config = json.loads((folder / "config.json").read_text())
     write_json({**cfg, **{k: v for k, v in config.items() if k in cfg}}, folder / "config.json")
-    for file in sorted(_tokenizer_dir().iterdir()):
-        shutil.copy2(file, folder / file.name)
+    copy_chatglm_tokenizer(folder)
 
 
 def write_tiny_aesthetic(folder: Path, seed: int) -> None:
@@ -161,53 +122,14 @@ def write_tiny_aesthetic(folder: Path, seed: int) -> None:
     write_predictor_processor(folder, TINY_CLIP_VISION["image_size"])
 
 
-def write_predictor_processor(folder: Path, size: int) -> None:
-    """The predictor's image processor and CLIP tokenizer: Data-Juicer loads a whole CLIPProcessor."""
-    patch_torchvision()  # transformers' image utils import torchvision
-    from transformers import CLIPImageProcessor
-
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        folder)
-    write_tiny_clip_tokenizer(folder)
-
-
-def write_tiny_clip_tokenizer(folder: Path) -> None:
-    """A minimal CLIP tokenizer: the real repo has one, and Data-Juicer loads a full CLIPProcessor."""
-    from transformers import CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    words = ["<|startoftext|>", "<|endoftext|>", *(f"{c}</w>" for c in letters), *letters]
-    vocab, merges = folder / "vocab.json", folder / "merges.txt"
-    vocab.write_text(json.dumps({w: i for i, w in enumerate(words)}), encoding="utf-8")
-    merges.write_text("#version: 0.2\n", encoding="utf-8")
-    CLIPTokenizer(str(vocab), str(merges)).save_pretrained(folder)
-
-
 def write_tiny_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Write the tiny Kolors, fp16-fix VAE, aesthetic predictor and captioning VLM under `dest`; return their dirs."""
     from kolors_lib.tiny_vlm import TINY_VLM, write_tiny_vlm
 
     patch_torchvision()
-    dest = Path(dest)
-    out = {"kolors": dest / "Kolors", "vae_fp16_fix": dest / "sdxl-vae-fp16-fix",
-           "aesthetic": dest / "aesthetics-predictor", "captioner": dest / "Qwen2-VL-2B-Instruct"}
-    marker = dest / "tiny-kolors.json"
     info = {"seed": seed, "unet_file": "diffusion_pytorch_model.fp16.safetensors",
             "unet": TINY_UNET, "vae": TINY_VAE, "chatglm": TINY_CHATGLM,
             "clip_vision": TINY_CLIP_VISION, "vlm": TINY_VLM, "aesthetic_tokenizer": True}
-    if marker.exists() and not overwrite and json.loads(marker.read_text()) == info:
-        return out
-    # swap in whole, so a half-written model folder is never picked up
-    with staged_folder(dest) as tmp:
-        kolors = tmp / "Kolors"
-        write_json(KOLORS_MODEL_INDEX, kolors / "model_index.json")
-        write_json(KOLORS_SCHEDULER, kolors / "scheduler" / "scheduler_config.json")
-        write_tiny_unet(kolors / "unet", seed)
-        write_tiny_vae(kolors / "vae", seed + 1)
-        write_tiny_chatglm(kolors / "text_encoder", seed + 2)
-        shutil.copytree(_tokenizer_dir(), kolors / "tokenizer")
-        write_tiny_vae(tmp / "sdxl-vae-fp16-fix", seed + 3)
-        write_tiny_aesthetic(tmp / "aesthetics-predictor", seed + 4)
-        write_tiny_vlm(tmp / "Qwen2-VL-2B-Instruct", seed + 5)
-        write_json(info, tmp / "tiny-kolors.json")
-    return out
+    tiny = RandomKolors("tiny", write_tiny_unet, write_tiny_vae, write_tiny_chatglm, write_tiny_aesthetic, info,
+                        extra={"captioner": ("Qwen2-VL-2B-Instruct", write_tiny_vlm)})
+    return write_random_kolors(dest, tiny, seed, overwrite)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,3 +46,24 @@ def step02_cfg(tmp_path: Path, tiny_step02_models: dict[str, Path]) -> Config:
     """`tiny_cfg` with the session's tiny step-02 models (nothing else written to the work dir)."""
     models = {k: {"local_dir": str(v)} for k, v in tiny_step02_models.items()}
     return load_config(profile="tiny", workdir=tmp_path / "workdir", overrides={"models": models})
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: tiny matrices run faster, and far faster on a busy 2-core machine
+    (two OpenMP threads stall badly when another process holds a core). Modules opt in with usefixtures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def unet_inputs() -> tuple[torch.Tensor, ...]:
+    """One seeded call's inputs for the tiny Kolors UNet: latent 16², ChatGLM states, time ids, pooled."""
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=gen)
+    text = torch.randn(1, 7, 64, generator=gen)
+    pooled = torch.randn(1, 64, generator=gen)
+    time_ids = torch.tensor([[128.0, 128, 0, 0, 128, 128]])
+    return sample, torch.tensor([500]), text, time_ids, pooled

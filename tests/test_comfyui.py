@@ -20,6 +20,7 @@ from kolors_lib.export import export_lora, merge_lora, module_map, save_lora
 from kolors_lib.generation import load_story, render_settings
 
 patch_torchvision()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "comfyui" / "kolors_story_lora"
 RANK, ALPHA = 4, 2.0
@@ -201,15 +202,6 @@ def test_validator_knows_every_node_it_writes() -> None:
 # ---------------------------------------------------------------- the custom node
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a busy 2-core machine (no OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_node_package(name: str = "kolors_story_lora_under_test") -> types.ModuleType:
     """Import comfyui/kolors_story_lora from its folder, the way ComfyUI imports a custom node."""
     spec = importlib.util.spec_from_file_location(name, NODE_DIR / "__init__.py",
@@ -240,24 +232,14 @@ def diffsynth_unet(tiny_unet_root: Path) -> tuple[torch.nn.Module, dict[str, tor
     return unet, {k: v.clone() for k, v in unet.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 16, 16, generator=gen)
-    text = torch.randn(1, 7, 64, generator=gen)
-    pooled = torch.randn(1, 64, generator=gen)
-    time_ids = torch.tensor([[128.0, 128, 0, 0, 128, 128]])
-    return sample, torch.tensor([500]), text, time_ids, pooled
-
-
-def run_diffsynth(unet: torch.nn.Module, inputs: tuple) -> torch.Tensor:
-    sample, t, text, time_ids, pooled = inputs
+def run_diffsynth(unet: torch.nn.Module, unet_inputs: tuple) -> torch.Tensor:
+    sample, t, text, time_ids, pooled = unet_inputs
     with torch.no_grad():
         return unet(sample, t, text, time_ids, pooled)
 
 
-def run_diffusers(unet: torch.nn.Module, inputs: tuple) -> torch.Tensor:
-    sample, t, text, time_ids, pooled = inputs
+def run_diffusers(unet: torch.nn.Module, unet_inputs: tuple) -> torch.Tensor:
+    sample, t, text, time_ids, pooled = unet_inputs
     with torch.no_grad():
         return unet(sample, t, encoder_hidden_states=text,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
@@ -281,7 +263,7 @@ def lora_files(diffsynth_unet: tuple, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="module")
-def reference(diffsynth_unet: tuple, lora_files: dict, inputs: tuple) -> dict[float, torch.Tensor]:
+def reference(diffsynth_unet: tuple, lora_files: dict, unet_inputs: tuple) -> dict[float, torch.Tensor]:
     """DiffSynth's UNet output with the LoRA merged by kolors_lib.export.merge_lora, per strength."""
     from kolors_lib.export import load_lora
 
@@ -291,7 +273,7 @@ def reference(diffsynth_unet: tuple, lora_files: dict, inputs: tuple) -> dict[fl
     for strength in (0.0, 0.5, 1.0):
         unet.load_state_dict(weights)
         merge_lora(unet, state, strength, meta=meta)
-        out[strength] = run_diffsynth(unet, inputs)
+        out[strength] = run_diffsynth(unet, unet_inputs)
     unet.load_state_dict(weights)
     return out
 
@@ -321,8 +303,8 @@ def test_node_mapping_agrees_with_diffsynth_converter(node_mod: types.ModuleType
 
 
 def test_node_at_strength_1_matches_diffsynth_merge(node_mod, kolors_model: dict, lora_files: dict,
-                                                    reference: dict, inputs: tuple) -> None:
-    base = run_diffusers(kolors_model["pipeline"].unet, inputs)
+                                                    reference: dict, unet_inputs: tuple) -> None:
+    base = run_diffusers(kolors_model["pipeline"].unet, unet_inputs)
     close(base, reference[0.0])  # same tiny model in both implementations
     assert (reference[1.0] - reference[0.0]).abs().max() > 1e-2, "the LoRA changes the output"
     node = node_mod.KolorsStoryLoRA()
@@ -330,9 +312,9 @@ def test_node_at_strength_1_matches_diffsynth_merge(node_mod, kolors_model: dict
     (out,) = node.load_lora(kolors_model, str(lora_files["diffusers"]), 1.0)
     assert out is not kolors_model and out["dtype"] is torch.float32
     assert out["story_loras"][-1]["naming"] == "diffusers" and out["story_loras"][-1]["modules"] == 560
-    close(run_diffusers(out["pipeline"].unet, inputs), reference[1.0])
+    close(run_diffusers(out["pipeline"].unet, unet_inputs), reference[1.0])
     # copy-on-write: the input model is untouched, and untouched weights are shared, not copied
-    assert torch.equal(run_diffusers(kolors_model["pipeline"].unet, inputs), base)
+    assert torch.equal(run_diffusers(kolors_model["pipeline"].unet, unet_inputs), base)
     old = dict(kolors_model["pipeline"].unet.named_parameters())
     new = dict(out["pipeline"].unet.named_parameters())
     assert new["conv_in.weight"] is old["conv_in.weight"]
@@ -341,19 +323,19 @@ def test_node_at_strength_1_matches_diffsynth_merge(node_mod, kolors_model: dict
 
 
 def test_node_strength_half_and_other_namings(node_mod, kolors_model: dict, lora_files: dict,
-                                              reference: dict, inputs: tuple) -> None:
+                                              reference: dict, unet_inputs: tuple) -> None:
     node = node_mod.KolorsStoryLoRA()
     (half,) = node.load_lora(kolors_model, str(lora_files["diffusers"]), 0.5)
-    y_half = run_diffusers(half["pipeline"].unet, inputs)
+    y_half = run_diffusers(half["pipeline"].unet, unet_inputs)
     close(y_half, reference[0.5])
     assert (y_half - reference[1.0]).abs().max() > 1e-3
     for naming in ("kohya", "diffsynth"):
         (out,) = node.load_lora(kolors_model, str(lora_files[naming]), 1.0)
         assert out["story_loras"][-1]["naming"] == naming
-        close(run_diffusers(out["pipeline"].unet, inputs), reference[1.0])
+        close(run_diffusers(out["pipeline"].unet, unet_inputs), reference[1.0])
     # two nodes in a chain stack: 0.5 (diffusers) then 0.5 (kohya) = 1.0
     (chained,) = node.load_lora(half, str(lora_files["kohya"]), 0.5)
-    close(run_diffusers(chained["pipeline"].unet, inputs), reference[1.0])
+    close(run_diffusers(chained["pipeline"].unet, unet_inputs), reference[1.0])
 
 
 def _edited(path: Path, dest: Path, edit) -> Path:

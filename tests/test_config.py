@@ -121,3 +121,55 @@ def test_every_setting_has_its_default_in_default_yaml() -> None:
     missing = [f"{name}.{f.name}" for name, cls in config_mod._SECTIONS.items() if name != "models"
                for f in dataclasses.fields(cls) if f.name not in (raw.get(name) or {})]
     assert missing == []
+
+
+SETTINGS_CLASSES = (config_mod.Config, config_mod.ModelsConfig, config_mod.ModelSource,
+                    *(cls for cls in config_mod._SECTIONS.values()))
+
+
+def test_defaults_live_only_in_default_yaml() -> None:
+    """No config dataclass carries a default of its own: configs/default.yaml is the one place."""
+    import dataclasses
+
+    with_default = [f"{cls.__name__}.{f.name}" for cls in SETTINGS_CLASSES for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert with_default == []
+
+
+def test_default_yaml_names_every_top_level_setting_and_model() -> None:
+    import dataclasses
+
+    import yaml
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    loader_set = {"profile", "source_file"}  # not settings: the loader fills them in
+    top = [f.name for f in dataclasses.fields(config_mod.Config)
+           if f.name not in loader_set | set(config_mod._SECTIONS)]
+    assert [name for name in top if name not in raw] == []
+    models = [f.name for f in dataclasses.fields(config_mod.ModelsConfig)]
+    assert [name for name in models if name not in raw["models"]] == []
+    source_keys = {f.name for f in dataclasses.fields(config_mod.ModelSource)}
+    assert {k: set(v) for k, v in raw["models"].items() if k != "cache_dir" and set(v) != source_keys} == {}
+
+
+def test_a_user_config_that_omits_sections_gets_default_yaml_values(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("seed: 3\ntrain:\n  steps: 7\n", encoding="utf-8")
+    cfg = load_config(mine, profile="full", workdir=tmp_path).to_dict()
+    default = load_config(profile="full", workdir=tmp_path).to_dict()
+    assert (cfg.pop("seed"), cfg["train"].pop("steps")) == (3, 7)
+    default.pop("seed"), default["train"].pop("steps"), cfg.pop("source_file"), default.pop("source_file")
+    assert cfg == default
+
+
+def test_a_config_that_does_not_inherit_must_name_every_setting(tmp_path: Path) -> None:
+    here = DEFAULT_CONFIG.parent
+    text = (DEFAULT_CONFIG.read_text(encoding="utf-8").replace("story: story.yaml", f"story: {here}/story.yaml")
+            .replace("recipe: data_juicer.yaml", f"recipe: {here}/data_juicer.yaml"))
+    assert "score:\n  gate: 6.0\n" in text
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("inherit: false\n" + text.replace("score:\n  gate: 6.0\n", "score: {}\n"), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"mine\.yaml.*score: missing key\(s\) gate"):
+        load_config(mine, profile="full", workdir=tmp_path)
+    mine.write_text("inherit: false\n" + text.replace("gate: 6.0", "gate: 5.5"), encoding="utf-8")
+    assert load_config(mine, profile="full", workdir=tmp_path).score.gate == 5.5

@@ -43,24 +43,14 @@ def base_unet(tiny_unet_root: Path) -> torch.nn.Module:
     return manager.fetch_model("sdxl_unet").eval()
 
 
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 16, 16, generator=gen)
-    text = torch.randn(1, 7, 64, generator=gen)
-    pooled = torch.randn(1, 64, generator=gen)
-    time_ids = torch.tensor([[128.0, 128, 0, 0, 128, 128]])
-    return sample, torch.tensor([500]), text, time_ids, pooled
-
-
-def run_diffsynth(unet: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    sample, t, text, time_ids, pooled = inputs
+def run_diffsynth(unet: torch.nn.Module, unet_inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    sample, t, text, time_ids, pooled = unet_inputs
     with torch.no_grad():
         return unet(sample, t, text, time_ids, pooled)
 
 
-def run_diffusers(unet: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    sample, t, text, time_ids, pooled = inputs
+def run_diffusers(unet: torch.nn.Module, unet_inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    sample, t, text, time_ids, pooled = unet_inputs
     with torch.no_grad():
         return unet(sample, t, encoder_hidden_states=text,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
@@ -83,13 +73,13 @@ def peft_unet(base_unet: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def trained(peft_unet: torch.nn.Module, inputs: tuple) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def trained(peft_unet: torch.nn.Module, unet_inputs: tuple) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(the LoRA state dict as DiffSynth's trainer saves it, y_ref = output of the peft-injected UNet)."""
     state = {k: v.detach().clone() for k, v in peft_unet.named_parameters() if ".lora_" in k}
-    return state, run_diffsynth(peft_unet, inputs)
+    return state, run_diffsynth(peft_unet, unet_inputs)
 
 
-def peft_output_at(peft_unet: torch.nn.Module, inputs: tuple, strength: float) -> torch.Tensor:
+def peft_output_at(peft_unet: torch.nn.Module, unet_inputs: tuple, strength: float) -> torch.Tensor:
     """peft's own forward with every LoRA layer's scaling multiplied by `strength`."""
     from peft.tuners.lora import LoraLayer
 
@@ -97,15 +87,15 @@ def peft_output_at(peft_unet: torch.nn.Module, inputs: tuple, strength: float) -
     for layer in layers:
         layer.scaling["default"] *= strength
     try:
-        return run_diffsynth(peft_unet, inputs)
+        return run_diffsynth(peft_unet, unet_inputs)
     finally:
         for layer in layers:
             layer.scaling["default"] /= strength
 
 
 @pytest.fixture(scope="module")
-def y_base(base_unet: torch.nn.Module, inputs: tuple) -> torch.Tensor:
-    return run_diffsynth(base_unet, inputs)
+def y_base(base_unet: torch.nn.Module, unet_inputs: tuple) -> torch.Tensor:
+    return run_diffsynth(base_unet, unet_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -182,21 +172,21 @@ def test_the_lora_changes_the_output(trained: tuple, y_base: torch.Tensor) -> No
 
 
 def test_merge_matches_peft_and_strength_scales(_work_unet: tuple, peft_unet: torch.nn.Module,
-                                                trained: tuple, inputs: tuple, y_base: torch.Tensor) -> None:
+                                                trained: tuple, unet_inputs: tuple, y_base: torch.Tensor) -> None:
     state, y_ref = trained
     unet, weights = _work_unet
     outputs = {}
     for strength in (1.0, 0.5):
         unet.load_state_dict(weights)
         assert merge_lora(unet, state, strength, alpha=ALPHA) == 560
-        outputs[strength] = run_diffsynth(unet, inputs)
+        outputs[strength] = run_diffsynth(unet, unet_inputs)
     close(outputs[1.0], y_ref)
     unet.load_state_dict(weights)
     merge_lora(unet, state, 0.0, alpha=ALPHA)
     assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items()), "strength 0 = base model"
     half = outputs[0.5]
     assert (half - y_base).abs().max() > 1e-3 and (half - y_ref).abs().max() > 1e-3
-    close(half, peft_output_at(peft_unet, inputs, 0.5))
+    close(half, peft_output_at(peft_unet, unet_inputs, 0.5))
 
 
 def test_merge_needs_alpha_for_a_peft_state_dict(unet: torch.nn.Module, trained: tuple) -> None:
@@ -205,29 +195,29 @@ def test_merge_needs_alpha_for_a_peft_state_dict(unet: torch.nn.Module, trained:
 
 
 def test_diffsynth_own_loader_with_the_matching_lora_alpha(tiny_unet_root: Path, trained: tuple,
-                                                           inputs: tuple) -> None:
+                                                           unet_inputs: tuple) -> None:
     state, y_ref = trained
     manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.fp16.safetensors"])
     assert diffsynth_lora_alpha(1.0, RANK, ALPHA) == ALPHA / RANK
     manager.load_lora("", state_dict=state, lora_alpha=diffsynth_lora_alpha(1.0, RANK, ALPHA))
-    close(run_diffsynth(manager.fetch_model("sdxl_unet"), inputs), y_ref)
+    close(run_diffsynth(manager.fetch_model("sdxl_unet"), unet_inputs), y_ref)
 
 
 # ---------------------------------------------------------------- diffusers
 
 
 def test_diffusers_adapter_weight_means_the_same_strength(
-        unet: torch.nn.Module, trained: tuple, inputs: tuple, diffusers_unet: torch.nn.Module) -> None:
+        unet: torch.nn.Module, trained: tuple, unet_inputs: tuple, diffusers_unet: torch.nn.Module) -> None:
     state, _ = trained
     lora, _ = convert_lora(state, "diffusers", META)
     diffusers_unet.load_lora_adapter(lora, prefix="unet", adapter_name="style")
     diffusers_unet.set_adapters(["style"], weights=[0.5])
     merge_lora(unet, state, 0.5, alpha=ALPHA)
-    close(run_diffusers(diffusers_unet, inputs), run_diffsynth(unet, inputs))
+    close(run_diffusers(diffusers_unet, unet_inputs), run_diffsynth(unet, unet_inputs))
 
 
 def test_diffusers_export_loads_through_kolors_pipeline_path_at_weight_1(
-        trained: tuple, inputs: tuple, tmp_path: Path, diffusers_unet: torch.nn.Module) -> None:
+        trained: tuple, unet_inputs: tuple, tmp_path: Path, diffusers_unet: torch.nn.Module) -> None:
     """What KolorsPipeline.load_lora_weights runs: lora_state_dict, then load_lora_into_unet."""
     from diffusers import KolorsPipeline
 
@@ -238,7 +228,7 @@ def test_diffusers_export_loads_through_kolors_pipeline_path_at_weight_1(
     loaded, alphas = KolorsPipeline.lora_state_dict(str(tmp_path), weight_name=path.name)
     assert alphas is None
     KolorsPipeline.load_lora_into_unet(loaded, alphas, diffusers_unet)
-    close(run_diffusers(diffusers_unet, inputs), y_ref)
+    close(run_diffusers(diffusers_unet, unet_inputs), y_ref)
 
 
 # ---------------------------------------------------------------- kohya
@@ -266,7 +256,7 @@ def test_kohya_round_trip_and_delta_w(trained: tuple, tmp_path: Path) -> None:
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_kohya_export_loads_in_diffusers(trained: tuple, inputs: tuple, tmp_path: Path,
+def test_kohya_export_loads_in_diffusers(trained: tuple, unet_inputs: tuple, tmp_path: Path,
                                          diffusers_unet: torch.nn.Module) -> None:
     from diffusers import KolorsPipeline
 
@@ -276,7 +266,7 @@ def test_kohya_export_loads_in_diffusers(trained: tuple, inputs: tuple, tmp_path
     loaded, alphas = KolorsPipeline.lora_state_dict(str(tmp_path), weight_name=path.name)
     assert alphas and set(alphas.values()) == {ALPHA}
     KolorsPipeline.load_lora_into_unet(loaded, alphas, diffusers_unet)
-    close(run_diffusers(diffusers_unet, inputs), y_ref)
+    close(run_diffusers(diffusers_unet, unet_inputs), y_ref)
 
 
 def test_every_format_converts_to_every_other(trained: tuple) -> None:

@@ -371,7 +371,7 @@ def test_processes_forked_for_data_juicer_run_torch_on_one_thread() -> None:
 
     import torch
 
-    from kolors_lib.filtering import single_threaded_forks
+    from kolors_lib.dj_runtime import single_threaded_forks
 
     torch.set_num_threads(2)
     torch.ones(64, 64) @ torch.ones(64, 64)  # the parent's thread pool is up, as after a model op ran

@@ -31,13 +31,7 @@ SIZE, STEPS = 64, 2
 TARGETS = ("to_q", "to_k", "to_v", "to_out")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """2 shared cores: torch's 2 OpenMP threads stall badly when another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
