@@ -11,6 +11,7 @@ measured on the real-size architecture (see ACTIVATIONS_1024 and docs/benchmarks
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,10 +34,10 @@ PADDED_VOCAB = 65024
 # LoRA parameters per unit of rank on Kolors' to_q/to_k/to_v/to_out (architecture.lora_param_count(1))
 LORA_PARAMS_PER_RANK = 1_451_520
 
-# Training activations at 1024² with gradient checkpointing: measured 1.02 GiB over the weights
-# at 512² (bf16, rank 16, one step incl. AdamW), minus 0.26 GiB of LoRA grads + moments, times 4
-# (linear in pixels; an upper bound, as part of the 512² figure is fixed overhead).
-TRAIN_1024 = 3.0
+# Training activations at 1024² with gradient checkpointing: measured 3.79 GiB over the weights for
+# one step at 1024² (bf16, rank 16, incl. AdamW; `make bench`, case cpu-1024), minus 0.26 GiB of LoRA
+# grads + moments.
+TRAIN_1024 = 3.55
 # DiffSynth's tiled VAE works on 64-latent tiles one at a time: a quarter of the untiled 1024² peak
 VAE_TILED = 0.9
 # Activation peaks (GiB) at 1024², batch 1, over the weights, measured on CPU with the real-size
@@ -47,7 +48,7 @@ VAE_TILED = 0.9
 ACTIVATIONS_1024 = {
     "train": TRAIN_1024,   # UNet fwd+bwd, gradient checkpointing, bf16 (see TRAIN_1024)
     "train_no_ckpt": 3 * TRAIN_1024,  # without checkpointing: not measured, DiffSynth's rule of thumb (x3)
-    "denoise": 0.2,        # one UNet forward under no_grad, bf16: measured 0.17
+    "denoise": 0.7,        # one UNet forward under no_grad, bf16: measured 0.66 (bench case cpu-1024)
     "vae_decode": 3.6,     # SDXL VAE decoder, fp32 (DiffSynth upcasts SDXL VAEs): measured 3.52
     "vae_decode_tiled": VAE_TILED,  # same, DiffSynth's tiles (64 latents, stride 32)
     "vae_encode": 3.6,     # SDXL VAE encoder, fp32: not measured, taken as the decoder's
@@ -143,6 +144,7 @@ class Plan:
     precision: str
     tiled_vae: bool
     placements: list[Placement] = field(default_factory=list)
+    train_resolution: int | None = None  # the largest training side that fits the card (None: no CUDA)
 
     def get(self, phase: str, model: str) -> Placement:
         """The placement of `model` in `phase` (KeyError naming both when the plan has none)."""
@@ -179,7 +181,17 @@ class Plan:
                 peak = self.peak_gib(ph)
                 mark = "ok" if peak <= self.budget_gib else "DOES NOT FIT"
                 rows.append(f"{'':<19} {'= GPU peak':<13} {'':<6} {'':<9} {peak:>8.2f}  {mark}")
-        return "\n".join([head, *rows])
+        return "\n".join([head, *rows, *self.advice()])
+
+    def advice(self) -> list[str]:
+        """What to change when training does not fit the card (empty when it does)."""
+        if self.train_resolution is None or self.train_resolution >= self.resolution:
+            return []
+        if self.train_resolution < 512:
+            return [f"training at {self.resolution}² does not fit this card, nor does any size from 512²: "
+                    "use a bigger card"]
+        return [f"training at {self.resolution}² does not fit this card: train at {self.train_resolution}² "
+                f"(resolution: {self.train_resolution}) or use a bigger card"]
 
     def frame(self) -> Any:
         """The plan as a pandas table (phase, model, device, dtype, est. GiB, note) for a notebook."""
@@ -193,7 +205,8 @@ class Plan:
         """Plain data for --json and manifests."""
         return {"profile": self.profile, "hardware": asdict(self.hardware), "resolution": self.resolution,
                 "precision": self.precision, "tiled_vae": self.tiled_vae, "budget_gib": self.budget_gib,
-                "fits": self.fits, "placements": [asdict(p) for p in self.placements],
+                "fits": self.fits, "train_resolution": self.train_resolution,
+                "placements": [asdict(p) for p in self.placements],
                 "gpu_peak_gib": {ph: self.peak_gib(ph) for ph in PHASES} if self.hardware.cuda else {}}
 
 
@@ -281,8 +294,17 @@ def device_plan(cfg: Config, hardware: Hardware | None = None) -> Plan:
                   round(_gib(_scaled_params(cfg, "aesthetic"), "float32") + ACTIVATIONS_1024["score"], 2),
                   "CLIP ViT-L/14 + linear head"),
     ]
+    act = ACTIVATIONS_1024["train" if cfg.train.gradient_checkpointing else "train_no_ckpt"] * batch
     return Plan(cfg.profile, hw if gpu else Hardware(False, ram_gib=hw.ram_gib), cfg.resolution, precision,
-                tiled, p)
+                tiled, p, _train_resolution(cfg.resolution, budget - unet - lora, act) if gpu else None)
+
+
+def _train_resolution(resolution: int, room_gib: float, act_1024: float) -> int:
+    """The largest side (a multiple of 64, at most `resolution`) whose training activations fit `room_gib`."""
+    if room_gib <= 0:
+        return 0
+    side = int(1024 * math.sqrt(room_gib / act_1024)) // 64 * 64
+    return min(resolution, side)
 
 
 def caption_device(cfg: Config) -> str:

@@ -83,8 +83,13 @@ def test_an_8gb_card_renders_1024_and_says_whether_training_fits() -> None:
         assert plan.peak_gib(phase) <= min(plan.budget_gib, 8.0), plan.table()
     over = plan.peak_gib("train") > plan.budget_gib
     assert ("DOES NOT FIT" in plan.table()) == over and plan.fits == (not over)
-    # a smaller training resolution fits the same card; without checkpointing nothing close does
+    # the plan names the largest training size that fits, and a plan at that size fits the card
+    assert over and plan.train_resolution == 768, plan.table()
+    assert "train at 768² (resolution: 768)" in plan.table()
     assert device_plan(dataclasses.replace(_full(), resolution=768), CARDS["8 GB card"]).fits
+    assert not device_plan(dataclasses.replace(_full(), resolution=832), CARDS["8 GB card"]).fits
+    assert device_plan(_full(), CARDS["A10 (24 GB, ModelScope)"]).train_resolution == 1024
+    # without checkpointing nothing close fits
     assert not device_plan(_full(gradient_checkpointing=False), CARDS["12 GB card"]).fits
 
 
