@@ -166,3 +166,6 @@ def render_settings(cfg: Config, story: Story) -> RenderSettings:
     if not _is_int(steps) or steps < 1:
         raise ConfigError(f"generate.steps must be a positive integer, not {steps!r}")
     return RenderSettings(story.negative, story.cfg_scale, steps, width, height)
+
+
+__all__ = ["RenderSettings", "Scene", "Story", "load_story", "render_settings", "with_trigger"]
