@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kolors_lib.args import (
+    TRAIN_OPTIONS,
     add_common,
     build_export_parser,
     build_publish_parser,
@@ -149,7 +150,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train_lora(_config(args), resume=not args.no_resume, steps=args.steps, rank=args.rank,
                         alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         precision=args.precision, resolution=args.resolution, seed=args.seed,
-                        save_every=args.save_every)
+                        save_every=args.save_every, **{k: getattr(args, k) for k in TRAIN_OPTIONS})
     last = result.losses[-1][1] if result.losses else float("nan")
     print(f"{result} (final loss {last:.4f}, {result.seconds:.1f} s)\nloss log: {result.loss_csv}")
     return 0

@@ -94,6 +94,26 @@ class FilterConfig:
     caption_device: str | None = None  # None: the config's device (CPU when there is no CUDA)
 
 
+# step 03's optimizer and learning-rate schedule choices (recipe.py builds them)
+OPTIMIZERS = ("adamw", "lion", "adafactor", "prodigy", "adamw8bit", "lion8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "plateau")
+# lora.target_modules presets (DiffSynth module names; peft matches them as name suffixes)
+TARGET_PRESETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out"],  # the camp's choice
+    "attn_ff": ["to_q", "to_k", "to_v", "to_out", "proj", "ff"],  # + feed-forward (GEGLU proj, out)
+    "all_linear": ["to_q", "to_k", "to_v", "to_out", "proj", "ff", "proj_in", "proj_out"],
+}
+
+
+def target_module_list(value: str | list[str]) -> list[str]:
+    """lora.target_modules as a list: a preset name (attn, attn_ff, all_linear) or the names themselves."""
+    if isinstance(value, str):
+        if value in TARGET_PRESETS:
+            return list(TARGET_PRESETS[value])
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
 @dataclass
 class LoraConfig:
     """LoRA shape and strength, read by training and by inference alike."""
@@ -101,6 +121,9 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 4.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"])
+
+    def __post_init__(self) -> None:
+        self.target_modules = target_module_list(self.target_modules)
 
     @property
     def scale(self) -> float:
@@ -128,6 +151,28 @@ class TrainConfig:
     devices: Any = "auto"
     strategy: str = "auto"
     num_workers: int = 0
+    # issue 12's options (recipe.py, validation.py, buckets.py); the defaults are the camp's run
+    val_fraction: float = 0.0
+    val_files: list[str] = field(default_factory=list)
+    val_every: int = 10
+    val_draws: int = 4
+    early_stop_patience: int = 0
+    keep_best: bool = True
+    optimizer: str = "adamw"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    buckets: bool = False
+    bucket_max_aspect: float = 2.0
+    augment_variants: int = 0
+    augment_crop_scale: float = 0.8
+    augment_jitter: float = 0.1
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -219,6 +264,11 @@ class Config:
     def loss_csv(self) -> Path:
         """The training loss log (step,loss)."""
         return self.lora_dir / "loss.csv"
+
+    @property
+    def val_loss_csv(self) -> Path:
+        """The validation loss log (step,val_loss), written when a validation split is set."""
+        return self.lora_dir / "val_loss.csv"
 
     @property
     def manifest_path(self) -> Path:
