@@ -10,260 +10,56 @@ training, ChatGLM and the VAE are freed, and the steps read only the cache.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kolors_lib.architecture import BETA_END, NUM_TRAIN_TIMESTEPS, kolors_scheduler
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import LORA_FILE, Config, LoraConfig, TrainConfig, apply_overrides, target_module_list
+from kolors_lib.config import LORA_FILE, Config, TrainConfig, apply_overrides, target_module_list
 from kolors_lib.console import logged_step
-from kolors_lib.encode_cache import (
-    CachedDataset,
-    CacheReport,
-    build_cache,
-    content_hash,
-    load_text,
-)
+from kolors_lib.encode_cache import CachedDataset, CacheReport, build_cache, content_hash, load_text
 from kolors_lib.errors import NonFiniteLossError, TrainingError
 from kolors_lib.files import atomic_path, move_aside, save_safetensors, save_torch
 from kolors_lib.lock import one_writer
 from kolors_lib.pictures import side_by_side
 from kolors_lib.plan import Plan, device_plan
-from kolors_lib.recipe import ema_state, make_ema, make_lr_scheduler, make_optimizer, min_snr_weight, offset_noise, snr
 
 patch_torchvision()  # lightning imports torchvision (via torchmetrics); must come first
 
 import lightning as L  # noqa: E402
 
-from kolors_lib.validation import (  # noqa: E402
-    BestTracker,
-    ValidationCallback,
-    ValidationSet,
-    read_val_csv,
-    split_samples,
-    truncate_val_csv,
+# the module and the run's record live in their own files; their public names stay importable from here
+from kolors_lib.lora_module import (  # noqa: E402
+    KolorsLoraModule,
+    add_time_ids,
+    inject_lora,
+    load_unet,
+    make_scheduler,
 )
+from kolors_lib.train_report import (  # noqa: E402
+    OPTION_KEYS,
+    TrainResult,
+    changed_options,
+    lora_metadata,
+    option_values,
+    read_loss_csv,
+    truncate_loss_csv,
+    val_loss_figure,
+)
+from kolors_lib.validation import ValidationCallback, ValidationSet, split_samples, truncate_val_csv  # noqa: E402
+
+__all__ = ["CKPT_KEEP", "FINAL_NAME", "OPTION_KEYS", "KolorsLoraModule", "L", "NonFiniteLossError", "TrainResult",
+           "add_time_ids", "changed_options", "compare_settings", "inject_lora", "load_unet", "lora_metadata",
+           "make_scheduler", "option_values", "read_loss_csv", "train_lora", "training_overrides", "val_loss_figure"]
 
 FINAL_NAME = LORA_FILE
 CKPT_KEEP = 2  # checkpoints kept on disk (LoRA + AdamW state each)
-
-
-# --------------------------------------------------------------------------- the module
-
-
-def make_scheduler() -> Any:
-    """Kolors' training scheduler exactly as the stock trainer sets it up."""
-    scheduler = kolors_scheduler()
-    scheduler.set_timesteps(NUM_TRAIN_TIMESTEPS)
-    return scheduler
-
-
-def inject_lora(unet: torch.nn.Module, lora: LoraConfig, init: str = "gaussian") -> torch.nn.Module:
-    """Freeze `unet` and add peft LoRA like the stock trainer (LoRA params upcast to fp32)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import inject_adapter_in_model
-
-    unet.requires_grad_(False)
-    config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, init_lora_weights=init,
-                            target_modules=list(lora.target_modules))
-    unet = inject_adapter_in_model(config, unet)
-    for param in unet.parameters():
-        if param.requires_grad:
-            param.data = param.to(torch.float32)
-    return unet
-
-
-def load_unet(cfg: Config, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
-    """The Kolors UNet alone, through the one DiffSynth loading path."""
-    from kolors_lib.models import kolors_paths, load_model_manager
-
-    manager = load_model_manager([kolors_paths(cfg).unet], device=device, dtype=dtype)
-    return manager.fetch_model("sdxl_unet")
-
-
-def add_time_ids(latents: torch.Tensor) -> torch.Tensor:
-    """SDXL micro-conditioning as the pipeline builds it: (h, w, 0, 0, h, w) per sample, flattened."""
-    height, width = latents.shape[2] * 8, latents.shape[3] * 8
-    return torch.tensor([height, width, 0, 0, height, width], device=latents.device).repeat(latents.shape[0])
-
-
-class KolorsLoraModule(L.LightningModule):
-    """The Kolors UNet with LoRA, trained on cached latents and text embeddings."""
-
-    def __init__(self, unet: torch.nn.Module, lora: LoraConfig, learning_rate: float = 1e-4,
-                 gradient_checkpointing: bool = True, seed: int = 0, sample_offset: int = 0,
-                 options: TrainConfig | None = None):
-        super().__init__()
-        self.unet = unet.train()  # DiffSynth loads in eval mode; checkpointing needs train mode
-        self.lora = lora
-        self.learning_rate = learning_rate
-        self.gradient_checkpointing = gradient_checkpointing
-        self.scheduler = make_scheduler()
-        self.seed = seed
-        self.sample_offset = sample_offset  # micro-batches done before this run (resume)
-        self.step_losses: list[float] = []  # micro-batch losses of the current optimizer step
-        self.step_lr = learning_rate  # the learning rate of the current optimizer step (loss.csv)
-        self.resume_state: dict[str, Any] | None = None
-        # issue 12's options (defaults: the stock step); total_steps drives the learning-rate schedule
-        self.options = options or TrainConfig()
-        self.total_steps = 0
-        self.tracker = BestTracker(self.options.early_stop_patience)
-        self.plateau: Any = None
-        self.ema: Any = None
-
-    @classmethod
-    def from_config(cls, cfg: Config, plan: Plan | None = None) -> KolorsLoraModule:
-        """Load the UNet in the device plan's training dtype and add LoRA (gaussian init, as the Kolors example)."""
-        unet = load_unet(cfg, (plan or device_plan(cfg)).get("train", "unet").torch_dtype)
-        torch.manual_seed(cfg.seed)  # the gaussian LoRA init must not depend on what ran before
-        return cls(inject_lora(unet, cfg.lora), cfg.lora, cfg.train.learning_rate,
-                   cfg.train.gradient_checkpointing, cfg.seed, options=cfg.train)
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable LoRA tensors in DiffSynth/peft naming (blocks.N....lora_A.default.weight)."""
-        return {n: p.detach().to("cpu").clone() for n, p in self.unet.named_parameters() if p.requires_grad}
-
-    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy LoRA tensors in (missing or unexpected names are an error)."""
-        params = dict(self.unet.named_parameters())
-        if set(state) != {n for n, p in params.items() if p.requires_grad}:
-            raise TrainingError("LoRA checkpoint does not match this UNet/LoRA shape")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Noise and timestep depend on the micro-batch number only, so a resumed run draws what
-        # the uninterrupted one would have; ranks differ so DDP replicas see different noise.
-        torch.manual_seed(self.seed * 1_000_003 + (self.sample_offset + batch_idx) * 97 + self.global_rank)
-
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The stock trainer's loss on a cached batch (same RNG calls in the same order).
-
-        Noise offset and min-SNR-γ (off by default) change it as their formulas say; the noise offset's
-        draw comes after the stock draws, so they stay the same.
-        """
-        dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
-        latents = batch["latents"].to(dtype=dtype, device=self.device)
-        noise = torch.randn_like(latents)
-        timestep_id = torch.randint(0, self.scheduler.num_train_timesteps, (1,))
-        if self.options.noise_offset:
-            noise = offset_noise(latents, noise, self.options.noise_offset)
-        timestep = self.scheduler.timesteps[timestep_id].to(self.device)
-        loss = self.denoising_loss(latents, noise, timestep, batch)
-        loss = loss * self.scheduler.training_weight(timestep)
-        if self.options.min_snr_gamma:
-            loss = loss * min_snr_weight(snr(self.scheduler.alphas_cumprod, timestep), self.options.min_snr_gamma)
-        return loss
-
-    def denoising_loss(self, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor,
-                       texts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """MSE between the UNet's prediction and the scheduler's target for given noise and timestep."""
-        dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
-        latents, noise = latents.to(dtype=dtype, device=self.device), noise.to(dtype=dtype, device=self.device)
-        timestep = timestep.to(self.device)
-        noisy_latents = self.scheduler.add_noise(latents, noise, timestep)
-        target = self.scheduler.training_target(latents, noise, timestep)
-        noise_pred = self.unet(
-            noisy_latents, timestep=timestep,
-            encoder_hidden_states=texts["encoder_hidden_states"].to(dtype=dtype, device=self.device),
-            add_text_embeds=texts["add_text_embeds"].to(dtype=dtype, device=self.device),
-            add_time_id=add_time_ids(latents), use_gradient_checkpointing=self.gradient_checkpointing)
-        return torch.nn.functional.mse_loss(noise_pred.float(), target.float())
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One micro-batch: loss, with a hard stop on NaN/inf before it can reach the weights."""
-        loss = self.compute_loss(batch)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            step = self.sample_offset // max(self._accum(), 1) + self.global_step + 1
-            raise NonFiniteLossError(f"loss is {value} at step {step}; the weights were not updated. "
-                                     "Lower the learning rate or check the data; the last good "
-                                     "checkpoint is kept")
-        self.step_losses.append(value)
-        if self._trainer is not None:  # the learning rate this step uses (schedulers step after it)
-            self.step_lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
-        if self._trainer is not None:
-            self.log("train_loss", loss, prog_bar=False, logger=False)
-        return loss
-
-    def _accum(self) -> int:
-        return self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-
-    def configure_optimizers(self) -> Any:
-        """train.optimizer (AdamW with torch defaults, as the stock trainer) on the LoRA parameters only,
-        and train.lr_scheduler: per step by Lightning, or `plateau` by the validation callback."""
-        o = self.options
-        params = [p for p in self.unet.parameters() if p.requires_grad]
-        optimizer = make_optimizer(o.optimizer, params, self.learning_rate, o.optimizer_args)
-        if o.ema_decay:
-            self.ema = make_ema(params, o.ema_decay)
-        if o.lr_scheduler == "constant" and not o.lr_warmup_steps:
-            return optimizer  # the stock run: no scheduler object at all
-        schedule = make_lr_scheduler(o.lr_scheduler, optimizer, self.total_steps, o.lr_warmup_steps,
-                                     o.lr_num_cycles, o.plateau_factor, o.plateau_patience)
-        if o.lr_scheduler == "plateau":
-            self.plateau = schedule
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Lightning's step, then the EMA of the LoRA weights (when train.ema_decay is set)."""
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.step([p for p in self.unet.parameters() if p.requires_grad])
-
-    def ema_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The EMA LoRA weights named like lora_state_dict() (from the resumed checkpoint when no step ran)."""
-        if self.ema is not None:
-            shadow = self.ema.shadow_params
-        elif self.options.ema_decay and self.resume_state and (self.resume_state.get("extra") or {}).get("ema"):
-            shadow = self.resume_state["extra"]["ema"]["shadow_params"]
-        else:
-            return None
-        names = [n for n, p in self.unet.named_parameters() if p.requires_grad]
-        return {n: p.detach().to("cpu").clone() for n, p in zip(names, shadow, strict=True)}
-
-    def extra_state(self) -> dict[str, Any]:
-        """What a checkpoint needs beyond the LoRA and optimizer: schedule, best step, plateau, EMA."""
-        schedulers = self.trainer.lr_scheduler_configs if self._trainer is not None else []
-        return {"lr_scheduler": schedulers[0].scheduler.state_dict() if schedulers else None,
-                "tracker": self.tracker.state_dict(),
-                "plateau": self.plateau.state_dict() if self.plateau is not None else None,
-                "ema": ema_state(self.ema) if self.ema is not None else None}
-
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        schedulers = self.trainer.lr_scheduler_configs
-        if schedulers and extra.get("lr_scheduler"):
-            schedulers[0].scheduler.load_state_dict(extra["lr_scheduler"])
-        if self.plateau is not None and extra.get("plateau"):
-            self.plateau.load_state_dict(extra["plateau"])
-        if self.ema is not None and extra.get("ema"):
-            state = dict(extra["ema"])
-            device = next(p for p in self.unet.parameters() if p.requires_grad).device
-            state["shadow_params"] = [p.to(device) for p in state["shadow_params"]]
-            self.ema.load_state_dict(state)
-
-    def on_train_start(self) -> None:
-        # Lightning keeps modules' modes; DiffSynth loads in eval, and the UNet's gradient
-        # checkpointing only applies in train mode (the stock trainer calls .train() too)
-        self.unet.train()
-        if self.resume_state is None:
-            return
-        self.trainer.optimizers[0].load_state_dict(self.resume_state["optimizer"])
-        self._load_extra_state(self.resume_state.get("extra") or {})
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and self.resume_state.get("scaler"):
-            scaler.load_state_dict(self.resume_state["scaler"])
 
 
 # --------------------------------------------------------------------------- checkpoints, results
@@ -276,25 +72,6 @@ def run_fingerprint(cfg: Config, report: CacheReport) -> str:
              str(t.batch_size), str(t.grad_accum), str(cfg.seed), str(cfg.resolution), str(t.random_flip),
              str(t.precision), *(s.image_key + s.text_key for s in report.samples), *option_values(t)]
     return content_hash(*parts)[:16]
-
-
-# issue 12's options: only those changed from their default enter fingerprints and metadata, so a
-# stock run's fingerprint (and its resumable checkpoints) stay what they were
-OPTION_KEYS = ("val_fraction", "val_files", "val_every", "val_draws", "early_stop_patience", "keep_best",
-               "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
-               "plateau_factor", "plateau_patience", "min_snr_gamma", "noise_offset", "buckets",
-               "bucket_max_aspect", "augment_variants", "augment_crop_scale", "augment_jitter", "ema_decay")
-
-
-def changed_options(t: TrainConfig) -> dict[str, Any]:
-    """The issue-12 training options that differ from their defaults."""
-    default = TrainConfig()
-    return {k: getattr(t, k) for k in OPTION_KEYS if getattr(t, k) != getattr(default, k)}
-
-
-def option_values(t: TrainConfig) -> list[str]:
-    """changed_options as key=value strings."""
-    return [f"{k}={v}" for k, v in changed_options(t).items()]
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -310,102 +87,6 @@ def list_checkpoints(cfg: Config) -> list[Path]:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save atomically, so a crash never leaves a half-written checkpoint."""
     save_torch(state, path)
-
-
-def lora_metadata(cfg: Config, step: int, base_model: str = "Kwai-Kolors/Kolors") -> dict[str, str]:
-    """safetensors metadata (strings only) describing the LoRA and how it was trained."""
-    t = cfg.train
-    return {"format": "diffsynth-peft", "base_model": base_model, "profile": cfg.profile,
-            "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "scale": str(cfg.lora.scale),
-            "target_modules": ",".join(cfg.lora.target_modules), "init_lora_weights": "gaussian",
-            "trigger_word": cfg.filter.trigger_word or "", "steps": str(step),
-            "learning_rate": str(t.learning_rate), "batch_size": str(t.batch_size),
-            "grad_accum": str(t.grad_accum), "precision": str(t.precision), "resolution": str(cfg.resolution),
-            "seed": str(cfg.seed), "center_crop": str(t.center_crop), "random_flip": str(t.random_flip),
-            "scheduler": f"EnhancedDDIM(num_train_timesteps={NUM_TRAIN_TIMESTEPS}, beta_end={BETA_END})",
-            "optimizer": t.optimizer, "lr_scheduler": t.lr_scheduler,
-            **{k: str(v) for k, v in changed_options(t).items()}}
-
-
-def read_loss_csv(path: Path) -> list[tuple[int, float]]:
-    """(step, loss) rows of loss.csv."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-
-
-@dataclass
-class TrainResult:
-    """Where a training run left its outputs."""
-
-    lora_path: Path
-    loss_csv: Path
-    checkpoints: list[Path]
-    steps: int
-    resumed_from: int
-    seconds: float
-    cache: Path
-    validation_images: list[Path] = field(default_factory=list)
-    val_csv: Path | None = None  # val_loss.csv, with a validation split
-    best_step: int | None = None  # the step of the lowest validation loss
-    stopped_at: int | None = None  # early stopping's step
-
-    @property
-    def losses(self) -> list[tuple[int, float]]:
-        """(step, loss) per optimizer step."""
-        return read_loss_csv(self.loss_csv)
-
-    @property
-    def val_losses(self) -> list[tuple[int, float]]:
-        """(step, validation loss) per validation (step 0: the untrained LoRA)."""
-        return read_val_csv(self.val_csv) if self.val_csv else []
-
-    @property
-    def steps_per_second(self) -> float:
-        """Optimizer steps per second of this call (resumed steps excluded)."""
-        return (self.steps - self.resumed_from) / self.seconds if self.seconds > 0 else float("nan")
-
-    def __str__(self) -> str:
-        new = self.steps - self.resumed_from
-        if new == 0:
-            run = f"all {self.steps} steps were done before (nothing to train)"
-        elif self.resumed_from:
-            run = f"resumed at step {self.resumed_from}, trained {new} more ({self.steps_per_second:.2f} steps/s)"
-        else:
-            run = f"trained {new} steps ({self.steps_per_second:.2f} steps/s)"
-        if self.stopped_at is not None:
-            run += f"; early stop at step {self.stopped_at}"
-        if self.best_step is not None:
-            run += f"; best validation loss at step {self.best_step}"
-        return f"{run}; LoRA: {self.lora_path}"
-
-    def loss_plot(self, smooth: int = 10) -> Any:
-        """matplotlib Figure of the loss per step and its moving average (no display needed)."""
-        from matplotlib.figure import Figure
-
-        rows = self.losses
-        fig = Figure(figsize=(7, 3.5))
-        ax = fig.add_subplot()
-        if rows:
-            steps, losses = zip(*rows, strict=True)
-            ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
-            k = max(1, min(smooth, len(losses)))
-            avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
-                   for i in range(len(losses))]
-            ax.plot(steps, avg, lw=1.5, label=f"mean of {k}")
-            ax.legend()
-        val = self.val_losses
-        if val:
-            ax.plot(*zip(*val, strict=True), "o-", lw=1.5, ms=3, label="validation loss (held out)")
-            if self.best_step is not None:
-                ax.axvline(self.best_step, ls=":", color="gray", label=f"best step {self.best_step}")
-            ax.legend()
-        ax.set_xlabel("step")
-        ax.set_ylabel("MSE loss")
-        ax.set_title("Kolors LoRA training loss")
-        fig.tight_layout()
-        return fig
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -574,13 +255,6 @@ def _resume_state(cfg: Config, fingerprint: str, resume: bool, total: int) -> di
     return None
 
 
-def _truncate_loss_csv(path: Path, upto: int) -> None:
-    lines = path.read_text().splitlines()[1:] if path.is_file() else []
-    with open(path, "w", newline="") as f:
-        f.write("step,loss,lr\n")  # lr: the learning rate the step used
-        f.writelines(f"{line}\n" for line in lines if line.strip() and int(line.split(",")[0]) <= upto)
-
-
 def save_lora(module: KolorsLoraModule, path: Path, metadata: dict[str, str]) -> Path:
     """Write the LoRA (DiffSynth/peft key names, fp32) as safetensors, atomically."""
     save_safetensors(module.lora_state_dict(), path, metadata)
@@ -617,7 +291,7 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
     start = int(state["step"]) if state else 0
     cfg.lora_dir.mkdir(parents=True, exist_ok=True)
     loss_csv = cfg.loss_csv
-    _truncate_loss_csv(loss_csv, start)
+    truncate_loss_csv(loss_csv, start)
     if held_out:
         truncate_val_csv(cfg.val_loss_csv, start)
     else:
@@ -638,6 +312,21 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
     return TrainResult(final, loss_csv, list_checkpoints(cfg), last, start, time.perf_counter() - begin,
                        report.root, validator_images, cfg.val_loss_csv if held_out else None,
                        module.tracker.best_step if held_out else None, module.tracker.stopped_at)
+
+
+def compare_settings(cfg: Config, settings: dict[str, dict[str, Any]], **common: Any) -> dict[str, TrainResult]:
+    """Train each named setting on step 02's data in its own folder (lora/compare/NAME); same held-out split.
+
+    `common` goes to every run (e.g. steps, val_fraction); the main LoRA in lora/ is never touched.
+    """
+    results = {}
+    for name, overrides in settings.items():
+        run = dataclasses.replace(cfg, workdir=cfg.lora_dir / "compare" / name)
+        if not run.train_dir.exists():  # the same images, not a copy
+            run.train_dir.parent.mkdir(parents=True, exist_ok=True)
+            run.train_dir.symlink_to(cfg.train_dir.resolve(), target_is_directory=True)
+        results[name] = train_lora(run, **{**common, **overrides})
+    return results
 
 
 def _check_options(t: TrainConfig, held_out: list[Any]) -> None:
