@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kolors_lib.config import LORA_FORMATS, NAME_HINT, PROFILES
+from kolors_lib.config import LORA_FORMATS, LR_SCHEDULERS, NAME_HINT, OPTIMIZERS, PROFILES, TARGET_PRESETS
 
 
 def _parser(parser: argparse.ArgumentParser | None, command: str, description: str) -> argparse.ArgumentParser:
@@ -37,7 +37,30 @@ def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--no-resume", action="store_true",
                    help="ignore existing checkpoints and start afresh (they are moved aside, not deleted)")
+    g = p.add_argument_group("going further (defaults: the camp's run; see configs/default.yaml)")
+    g.add_argument("--target-modules", default=None,
+                   help=f"LoRA layers: {' | '.join(TARGET_PRESETS)} or a comma list (e.g. to_q,to_v)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    g.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=None)
+    g.add_argument("--lr-warmup-steps", type=int, default=None)
+    g.add_argument("--val-fraction", type=float, default=None, help="hold out this fraction for a validation loss")
+    g.add_argument("--val-files", nargs="+", default=None, help="hold out these file names of metadata.csv")
+    g.add_argument("--val-every", type=int, default=None, help="validation loss every N steps")
+    g.add_argument("--early-stop-patience", type=int, default=None,
+                   help="stop after N validations without improvement")
+    g.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting (e.g. 5)")
+    g.add_argument("--noise-offset", type=float, default=None, help="noise offset (e.g. 0.05)")
+    g.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=None,
+                   help="aspect-ratio buckets instead of the 1:1 crop")
+    g.add_argument("--augment-variants", type=int, default=None, help="cached crop/colour variants per image")
+    g.add_argument("--ema-decay", type=float, default=None, help="EMA of the LoRA weights (e.g. 0.999)")
     return p
+
+
+# `train` options that go to train_lora under their own name (argparse dest = train_lora keyword)
+TRAIN_OPTIONS = ("target_modules", "optimizer", "lr_scheduler", "lr_warmup_steps", "val_fraction", "val_files",
+                 "val_every", "early_stop_patience", "min_snr_gamma", "noise_offset", "buckets",
+                 "augment_variants", "ema_decay")
 
 
 def build_export_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

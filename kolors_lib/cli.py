@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kolors_lib.args import (
+    TRAIN_OPTIONS,
     add_common,
     build_export_parser,
     build_publish_parser,
@@ -170,7 +171,8 @@ def _train(args: argparse.Namespace) -> int:
         train_metadata(cfg.train_dir)
     from kolors_lib.training import train_lora
 
-    result = train_lora(cfg, resume=not args.no_resume, **settings)
+    options = {k: getattr(args, k) for k in TRAIN_OPTIONS}  # step 03's "going further" flags
+    result = train_lora(cfg, resume=not args.no_resume, **settings, **options)
     last = result.losses[-1][1] if result.losses else float("nan")
     print(f"{result} (final loss {last:.4f}, {result.seconds:.1f} s)\nloss log: {result.loss_csv}")
     return 0

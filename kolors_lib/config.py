@@ -96,6 +96,26 @@ def lora_scale(alpha: float, rank: int) -> float:
     return float(alpha) / int(rank)
 
 
+# step 03's optimizer and learning-rate schedule choices (recipe.py builds them)
+OPTIMIZERS = ("adamw", "lion", "adafactor", "prodigy", "adamw8bit", "lion8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "plateau")
+# lora.target_modules presets (DiffSynth module names; peft matches them as name suffixes)
+TARGET_PRESETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out"],  # the camp's choice
+    "attn_ff": ["to_q", "to_k", "to_v", "to_out", "proj", "ff"],  # + feed-forward (GEGLU proj, out)
+    "all_linear": ["to_q", "to_k", "to_v", "to_out", "proj", "ff", "proj_in", "proj_out"],
+}
+
+
+def target_module_list(value: str | list[str]) -> list[str]:
+    """lora.target_modules as a list: a preset name (attn, attn_ff, all_linear) or the names themselves."""
+    if isinstance(value, str):
+        if value in TARGET_PRESETS:
+            return list(TARGET_PRESETS[value])
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
 @dataclass
 class LoraConfig:
     """LoRA shape and strength, read by training and by inference alike."""
@@ -103,6 +123,9 @@ class LoraConfig:
     rank: int
     alpha: float
     target_modules: list[str]
+
+    def __post_init__(self) -> None:
+        self.target_modules = target_module_list(self.target_modules)
 
     @property
     def scale(self) -> float:
@@ -130,6 +153,28 @@ class TrainConfig:
     devices: Any
     strategy: str
     num_workers: int
+    # issue 12's options (recipe.py, validation.py, buckets.py); default.yaml's values are the camp's run
+    val_fraction: float
+    val_files: list[str]
+    val_every: int
+    val_draws: int
+    early_stop_patience: int
+    keep_best: bool
+    optimizer: str
+    optimizer_args: dict[str, Any]
+    lr_scheduler: str
+    lr_warmup_steps: int
+    lr_num_cycles: int
+    plateau_factor: float
+    plateau_patience: int
+    min_snr_gamma: float | None
+    noise_offset: float
+    buckets: bool
+    bucket_max_aspect: float
+    augment_variants: int
+    augment_crop_scale: float
+    augment_jitter: float
+    ema_decay: float
 
 
 @dataclass
@@ -225,6 +270,11 @@ class Config:
     def loss_csv(self) -> Path:
         """The training loss log (step,loss)."""
         return self.lora_dir / "loss.csv"
+
+    @property
+    def val_loss_csv(self) -> Path:
+        """The validation loss log (step,val_loss), written when a validation split is set."""
+        return self.lora_dir / "val_loss.csv"
 
     @property
     def manifest_path(self) -> Path:

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ class Sample:
     text: str
     image_key: str = ""
     text_key: str = ""
+    size: tuple[int, int] | None = None  # (width, height) it is cached at: the square, or its bucket
 
 
 def read_metadata(train_dir: Path) -> list[Sample]:
@@ -97,29 +98,35 @@ def read_metadata(train_dir: Path) -> list[Sample]:
 # --------------------------------------------------------------------------- caching
 
 
-def load_image_tensor(path: Path, resolution: int, center_crop: bool, seed: int) -> torch.Tensor:
+def load_image_tensor(path: Path, resolution: int, center_crop: bool, seed: int,
+                      size: tuple[int, int] | None = None, augment: Callable[[Any], Any] | None = None
+                      ) -> torch.Tensor:
     """Image -> [3,R,R] in [-1,1], resized and cropped exactly like DiffSynth's TextImageDataset.
 
     Without center_crop the stock dataset crops at random each step; a cache needs one crop,
-    so we take a random crop fixed by (seed, image bytes).
+    so we take a random crop fixed by (seed, image bytes). `size` (width, height) replaces the
+    square (aspect-ratio buckets); `augment` maps the PIL image first (a cached variant).
     """
     import torchvision
     from PIL import Image
     from torchvision import transforms
 
     image = Image.open(path).convert("RGB")
+    if augment is not None:
+        image = augment(image)
+    out_w, out_h = size or (resolution, resolution)
     width, height = image.size
-    scale = max(resolution / width, resolution / height)
+    scale = max(out_w / width, out_h / height)
     shape = [round(height * scale), round(width * scale)]
     bilinear = transforms.InterpolationMode.BILINEAR
     image = torchvision.transforms.functional.resize(image, shape, interpolation=bilinear)
     if center_crop:
-        image = transforms.CenterCrop((resolution, resolution))(image)
+        image = transforms.CenterCrop((out_h, out_w))(image)
     else:
         g = torch.Generator().manual_seed(seed + int(content_hash(Path(path).read_bytes())[:8], 16))
-        top = int(torch.randint(0, shape[0] - resolution + 1, (1,), generator=g))
-        left = int(torch.randint(0, shape[1] - resolution + 1, (1,), generator=g))
-        image = transforms.functional.crop(image, top, left, resolution, resolution)
+        top = int(torch.randint(0, shape[0] - out_h + 1, (1,), generator=g))
+        left = int(torch.randint(0, shape[1] - out_w + 1, (1,), generator=g))
+        image = transforms.functional.crop(image, top, left, out_h, out_w)
     tensor = transforms.ToTensor()(image)
     return transforms.Normalize([0.5], [0.5])(tensor)
 
@@ -161,12 +168,17 @@ def build_cache(cfg: Config, extra_prompts: Sequence[str] = (), negative: str = 
     te, ve = plan.get("cache-captions", "text_encoder"), plan.get("cache-latents", "vae_encoder")
     te_id, vae_id = model_identity(paths.text_encoder), model_identity(vae_file)
     crop = "center" if cfg.train.center_crop else f"fixed-random-{cfg.seed}"
+    t = cfg.train
+    if t.augment_variants:
+        crop += f";variants={t.augment_variants},{t.augment_crop_scale},{t.augment_jitter}"
     for s in samples:
         img = cfg.train_dir / s.file_name
         if not img.is_file():
             raise TrainingError(f"{img} is listed in metadata.csv but missing")
         s.text_key = text_key(s.text, te_id, te.torch_dtype)
-        s.image_key = image_key(img.read_bytes(), cfg.resolution, crop, cfg.train.random_flip, vae_id,
+        s.size = _cache_size(cfg, img)
+        shape = f";bucket={s.size[0]}x{s.size[1]}" if t.buckets else ""  # the stock square keeps its keys
+        s.image_key = image_key(img.read_bytes(), cfg.resolution, crop + shape, t.random_flip, vae_id,
                                 ve.torch_dtype)
     prompts = {p: text_key(p, te_id, te.torch_dtype) for p in [*extra_prompts, negative]}
     texts = {s.text_key: s.text for s in samples} | {k: p for p, k in prompts.items()}
@@ -180,8 +192,8 @@ def build_cache(cfg: Config, extra_prompts: Sequence[str] = (), negative: str = 
         _encode(cfg, paths.text_encoder, None, todo_text, {}, te, plan.tiled_vae, root, crop, te_id, vae_id)
     if todo_img:
         _encode(cfg, None, vae_file, {}, todo_img, ve, plan.tiled_vae, root, crop, te_id, vae_id)
-    index = [{"file_name": s.file_name, "text": s.text, "text_key": s.text_key, "image_key": s.image_key}
-             for s in samples]
+    index = [{"file_name": s.file_name, "text": s.text, "text_key": s.text_key, "image_key": s.image_key,
+              "size": list(s.size or ())} for s in samples]
     write_text(root / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
     return report
 
@@ -222,20 +234,61 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
                                      root / "text" / f"{key}.safetensors",
                                      {"caption": caption, "encoder": te_id, "dtype": str(dtype)})
         for key, s in images.items():
-            image = load_image_tensor(cfg.train_dir / s.file_name, cfg.resolution, cfg.train.center_crop,
-                                      cfg.seed)
-            batch = torch.stack([image, image.flip(-1)]) if cfg.train.random_flip else image[None]
-            latents = pipe.vae_encoder(batch.to(dtype=dtype, device=device), tiled=tiled)
-            tensors = {"latents": latents[0]}
-            if cfg.train.random_flip:
-                # the VAE is not exactly flip-equivariant: encode the mirrored image too
-                tensors["latents_flipped"] = latents[1]
+            tensors = {}
+            for variant in range(cfg.train.augment_variants + 1):
+                augment = _augment(cfg, cfg.train_dir / s.file_name, variant)
+                image = load_image_tensor(cfg.train_dir / s.file_name, cfg.resolution, cfg.train.center_crop,
+                                          cfg.seed, s.size, augment)
+                batch = torch.stack([image, image.flip(-1)]) if cfg.train.random_flip else image[None]
+                latents = pipe.vae_encoder(batch.to(dtype=dtype, device=device), tiled=tiled)
+                name = f"variant_{variant}" if variant else "latents"
+                tensors[name] = latents[0]
+                if cfg.train.random_flip:
+                    # the VAE is not exactly flip-equivariant: encode the mirrored image too
+                    tensors["latents_flipped" if not variant else f"{name}_flipped"] = latents[1]
             save_safetensors(tensors, root / "latents" / f"{key}.safetensors",
                                      {"file_name": s.file_name, "resolution": str(cfg.resolution),
                                       "crop": crop, "vae": vae_id, "dtype": str(dtype)})
     pipe.text_encoder_kolors = pipe.vae_encoder = pipe.prompter.text_encoder = None
     manager.model.clear()
     _free(manager, pipe)
+
+
+def _cache_size(cfg: Config, path: Path) -> tuple[int, int]:
+    """(width, height) an image is cached at: resolution² or, with train.buckets, its nearest bucket."""
+    if not cfg.train.buckets:
+        return (cfg.resolution, cfg.resolution)
+    from PIL import Image
+
+    from kolors_lib.buckets import bucket_sizes, nearest_bucket
+
+    with Image.open(path) as image:
+        return nearest_bucket(*image.size, bucket_sizes(cfg.resolution, cfg.train.bucket_max_aspect))
+
+
+def _augment(cfg: Config, path: Path, variant: int) -> Callable[[Any], Any] | None:
+    """The augmentation of cached variant `variant` of an image (None for the original, variant 0)."""
+    if not variant:
+        return None
+    from kolors_lib.augment import Augment, variant_seed
+
+    seed = variant_seed(cfg.seed, content_hash(path.read_bytes()), variant)
+    return Augment(seed, cfg.train.augment_crop_scale, cfg.train.augment_jitter)
+
+
+def pick_latents(entry: dict[str, torch.Tensor], seed: int, absolute: int, random_flip: bool) -> torch.Tensor:
+    """The latents item `absolute` of the run trains on: a cached variant (if any) at random, mirrored with p=1/2."""
+    variants = sum(1 for k in entry if k.startswith("variant_") and not k.endswith("_flipped"))
+    name = "latents"
+    if variants:
+        pick = int(torch.randint(0, variants + 1, (1,), generator=torch.Generator().manual_seed(
+            seed * 7_927 + absolute)))
+        name = f"variant_{pick}" if pick else "latents"
+    flip = random_flip and bool(torch.rand(1, generator=torch.Generator().manual_seed(
+        seed * 7_919 + absolute)) < 0.5)
+    if not flip:
+        return entry[name]
+    return entry["latents_flipped" if name == "latents" else f"{name}_flipped"]
 
 
 def load_text(root: Path, key: str) -> dict[str, torch.Tensor]:
@@ -273,7 +326,5 @@ class CachedDataset(torch.utils.data.Dataset):
         absolute = self.start + index
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + absolute // n))
         pick = int(perm[absolute % n])
-        lat = self.latents[pick]
-        flip = self.random_flip and bool(torch.rand(1, generator=torch.Generator().manual_seed(
-            self.seed * 7_919 + absolute)) < 0.5)
-        return {"latents": lat["latents_flipped"] if flip else lat["latents"], **self.texts[pick]}
+        return {"latents": pick_latents(self.latents[pick], self.seed, absolute, self.random_flip),
+                **self.texts[pick]}

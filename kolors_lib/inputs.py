@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kolors_lib.config import Config, apply_overrides
+from kolors_lib.config import Config, apply_overrides, target_module_list
 from kolors_lib.errors import LoraNotFoundError, TrainingError
 from kolors_lib.files import recover_folder
 
 __all__ = ["lora_file", "train_metadata", "training_overrides"]
-_SHORT_NAMES = {"rank": "lora.rank", "alpha": "lora.alpha", "lr": "train.learning_rate",
-                "learning_rate": "train.learning_rate", "resolution": "resolution", "seed": "seed", "device": "device"}
+_SHORT_NAMES = {"rank": "lora.rank", "alpha": "lora.alpha", "target_modules": "lora.target_modules",
+                "lr": "train.learning_rate", "learning_rate": "train.learning_rate", "resolution": "resolution",
+                "seed": "seed", "device": "device"}
 
 
 def lora_file(path: str | Path | None, cfg: Config | None = None) -> Path:
@@ -41,4 +42,6 @@ def train_metadata(train_dir: Path) -> Path:
 def training_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """cfg with train_lora's keyword overrides (steps, batch_size..., rank, alpha, lr) by config's one route."""
     named = {_SHORT_NAMES.get(k) or (k if "." in k else f"train.{k}"): v for k, v in overrides.items()}
-    return apply_overrides(cfg, named)
+    cfg = apply_overrides(cfg, named)
+    cfg.lora.target_modules = target_module_list(cfg.lora.target_modules)  # a preset name given as override
+    return cfg

@@ -10,28 +10,20 @@ training, ChatGLM and the VAE are freed, and the steps read only the cache.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import math
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kolors_lib.architecture import BETA_END, NUM_TRAIN_TIMESTEPS, kolors_scheduler
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import LORA_FILE, Config, LoraConfig
+from kolors_lib.config import LORA_FILE, Config, TrainConfig
 from kolors_lib.console import logged_step
-from kolors_lib.encode_cache import (
-    CachedDataset,
-    CacheReport,
-    build_cache,
-    content_hash,
-    load_text,
-)
+from kolors_lib.encode_cache import CachedDataset, CacheReport, build_cache, content_hash, load_text
 from kolors_lib.errors import NonFiniteLossError, TrainingError
 from kolors_lib.files import atomic_path, move_aside, save_safetensors, save_torch
 from kolors_lib.inputs import training_overrides
@@ -43,140 +35,32 @@ patch_torchvision()  # lightning imports torchvision (via torchmetrics); must co
 
 import lightning as L  # noqa: E402
 
+# the module and the run's record live in their own files; their public names stay importable from here
+from kolors_lib.lora_module import (  # noqa: E402
+    KolorsLoraModule,
+    add_time_ids,
+    inject_lora,
+    load_unet,
+    make_scheduler,
+)
+from kolors_lib.train_report import (  # noqa: E402
+    OPTION_KEYS,
+    TrainResult,
+    changed_options,
+    lora_metadata,
+    option_values,
+    read_loss_csv,
+    truncate_loss_csv,
+    val_loss_figure,
+)
+from kolors_lib.validation import ValidationCallback, ValidationSet, split_samples, truncate_val_csv  # noqa: E402
+
+__all__ = ["CKPT_KEEP", "FINAL_NAME", "OPTION_KEYS", "KolorsLoraModule", "L", "NonFiniteLossError", "TrainResult",
+           "add_time_ids", "changed_options", "compare_settings", "inject_lora", "load_unet", "lora_metadata",
+           "make_scheduler", "option_values", "read_loss_csv", "train_lora", "training_overrides", "val_loss_figure"]
+
 FINAL_NAME = LORA_FILE
 CKPT_KEEP = 2  # checkpoints kept on disk (LoRA + AdamW state each)
-
-
-# --------------------------------------------------------------------------- the module
-
-
-def make_scheduler() -> Any:
-    """Kolors' training scheduler exactly as the stock trainer sets it up."""
-    scheduler = kolors_scheduler()
-    scheduler.set_timesteps(NUM_TRAIN_TIMESTEPS)
-    return scheduler
-
-
-def inject_lora(unet: torch.nn.Module, lora: LoraConfig, init: str = "gaussian") -> torch.nn.Module:
-    """Freeze `unet` and add peft LoRA like the stock trainer (LoRA params upcast to fp32)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import inject_adapter_in_model
-
-    unet.requires_grad_(False)
-    config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, init_lora_weights=init,
-                            target_modules=list(lora.target_modules))
-    unet = inject_adapter_in_model(config, unet)
-    for param in unet.parameters():
-        if param.requires_grad:
-            param.data = param.to(torch.float32)
-    return unet
-
-
-def load_unet(cfg: Config, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
-    """The Kolors UNet alone, through the one DiffSynth loading path."""
-    from kolors_lib.models import kolors_paths, load_model_manager
-
-    manager = load_model_manager([kolors_paths(cfg).unet], device=device, dtype=dtype)
-    return manager.fetch_model("sdxl_unet")
-
-
-def add_time_ids(latents: torch.Tensor) -> torch.Tensor:
-    """SDXL micro-conditioning as the pipeline builds it: (h, w, 0, 0, h, w) per sample, flattened."""
-    height, width = latents.shape[2] * 8, latents.shape[3] * 8
-    return torch.tensor([height, width, 0, 0, height, width], device=latents.device).repeat(latents.shape[0])
-
-
-class KolorsLoraModule(L.LightningModule):
-    """The Kolors UNet with LoRA, trained on cached latents and text embeddings."""
-
-    def __init__(self, unet: torch.nn.Module, lora: LoraConfig, learning_rate: float = 1e-4,
-                 gradient_checkpointing: bool = True, seed: int = 0, sample_offset: int = 0):
-        super().__init__()
-        self.unet = unet.train()  # DiffSynth loads in eval mode; checkpointing needs train mode
-        self.lora = lora
-        self.learning_rate = learning_rate
-        self.gradient_checkpointing = gradient_checkpointing
-        self.scheduler = make_scheduler()
-        self.seed = seed
-        self.sample_offset = sample_offset  # micro-batches done before this run (resume)
-        self.step_losses: list[float] = []  # micro-batch losses of the current optimizer step
-        self.resume_state: dict[str, Any] | None = None
-
-    @classmethod
-    def from_config(cls, cfg: Config, plan: Plan | None = None) -> KolorsLoraModule:
-        """Load the UNet in the device plan's training dtype and add LoRA (gaussian init, as the Kolors example)."""
-        unet = load_unet(cfg, (plan or device_plan(cfg)).get("train", "unet").torch_dtype)
-        torch.manual_seed(cfg.seed)  # the gaussian LoRA init must not depend on what ran before
-        return cls(inject_lora(unet, cfg.lora), cfg.lora, cfg.train.learning_rate,
-                   cfg.train.gradient_checkpointing, cfg.seed)
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable LoRA tensors in DiffSynth/peft naming (blocks.N....lora_A.default.weight)."""
-        return {n: p.detach().to("cpu").clone() for n, p in self.unet.named_parameters() if p.requires_grad}
-
-    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy LoRA tensors in (missing or unexpected names are an error)."""
-        params = dict(self.unet.named_parameters())
-        if set(state) != {n for n, p in params.items() if p.requires_grad}:
-            raise TrainingError("LoRA checkpoint does not match this UNet/LoRA shape")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Noise and timestep depend on the micro-batch number only, so a resumed run draws what
-        # the uninterrupted one would have; ranks differ so DDP replicas see different noise.
-        torch.manual_seed(self.seed * 1_000_003 + (self.sample_offset + batch_idx) * 97 + self.global_rank)
-
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The stock trainer's loss on a cached batch (same RNG calls in the same order)."""
-        dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
-        latents = batch["latents"].to(dtype=dtype, device=self.device)
-        noise = torch.randn_like(latents)
-        timestep_id = torch.randint(0, self.scheduler.num_train_timesteps, (1,))
-        timestep = self.scheduler.timesteps[timestep_id].to(self.device)
-        noisy_latents = self.scheduler.add_noise(latents, noise, timestep)
-        target = self.scheduler.training_target(latents, noise, timestep)
-        noise_pred = self.unet(
-            noisy_latents, timestep=timestep,
-            encoder_hidden_states=batch["encoder_hidden_states"].to(dtype=dtype, device=self.device),
-            add_text_embeds=batch["add_text_embeds"].to(dtype=dtype, device=self.device),
-            add_time_id=add_time_ids(latents), use_gradient_checkpointing=self.gradient_checkpointing)
-        loss = torch.nn.functional.mse_loss(noise_pred.float(), target.float())
-        return loss * self.scheduler.training_weight(timestep)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One micro-batch: loss, with a hard stop on NaN/inf before it can reach the weights."""
-        loss = self.compute_loss(batch)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            step = self.sample_offset // max(self._accum(), 1) + self.global_step + 1
-            raise NonFiniteLossError(f"loss is {value} at step {step}; the weights were not updated. "
-                                     "Lower the learning rate or check the data; the last good "
-                                     "checkpoint is kept")
-        self.step_losses.append(value)
-        if self._trainer is not None:
-            self.log("train_loss", loss, prog_bar=False, logger=False)
-        return loss
-
-    def _accum(self) -> int:
-        return self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW (torch defaults, as the stock trainer) on the LoRA parameters only."""
-        params = [p for p in self.unet.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.learning_rate)
-
-    def on_train_start(self) -> None:
-        # Lightning keeps modules' modes; DiffSynth loads in eval, and the UNet's gradient
-        # checkpointing only applies in train mode (the stock trainer calls .train() too)
-        self.unet.train()
-        if self.resume_state is None:
-            return
-        self.trainer.optimizers[0].load_state_dict(self.resume_state["optimizer"])
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and self.resume_state.get("scaler"):
-            scaler.load_state_dict(self.resume_state["scaler"])
 
 
 # --------------------------------------------------------------------------- checkpoints, results
@@ -187,7 +71,7 @@ def run_fingerprint(cfg: Config, report: CacheReport) -> str:
     t = cfg.train
     parts = [str(cfg.lora.rank), str(cfg.lora.alpha), ",".join(cfg.lora.target_modules), str(t.learning_rate),
              str(t.batch_size), str(t.grad_accum), str(cfg.seed), str(cfg.resolution), str(t.random_flip),
-             str(t.precision), *(s.image_key + s.text_key for s in report.samples)]
+             str(t.precision), *(s.image_key + s.text_key for s in report.samples), *option_values(t)]
     return content_hash(*parts)[:16]
 
 
@@ -204,82 +88,6 @@ def list_checkpoints(cfg: Config) -> list[Path]:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save atomically, so a crash never leaves a half-written checkpoint."""
     save_torch(state, path)
-
-
-def lora_metadata(cfg: Config, step: int, base_model: str = "Kwai-Kolors/Kolors") -> dict[str, str]:
-    """safetensors metadata (strings only) describing the LoRA and how it was trained."""
-    t = cfg.train
-    return {"format": "diffsynth-peft", "base_model": base_model, "profile": cfg.profile,
-            "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "scale": str(cfg.lora.scale),
-            "target_modules": ",".join(cfg.lora.target_modules), "init_lora_weights": "gaussian",
-            "trigger_word": cfg.filter.trigger_word or "", "steps": str(step),
-            "learning_rate": str(t.learning_rate), "batch_size": str(t.batch_size),
-            "grad_accum": str(t.grad_accum), "precision": str(t.precision), "resolution": str(cfg.resolution),
-            "seed": str(cfg.seed), "center_crop": str(t.center_crop), "random_flip": str(t.random_flip),
-            "scheduler": f"EnhancedDDIM(num_train_timesteps={NUM_TRAIN_TIMESTEPS}, beta_end={BETA_END})"}
-
-
-def read_loss_csv(path: Path) -> list[tuple[int, float]]:
-    """(step, loss) rows of loss.csv."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-
-
-@dataclass
-class TrainResult:
-    """Where a training run left its outputs."""
-
-    lora_path: Path
-    loss_csv: Path
-    checkpoints: list[Path]
-    steps: int
-    resumed_from: int
-    seconds: float
-    cache: Path
-    validation_images: list[Path] = field(default_factory=list)
-
-    @property
-    def losses(self) -> list[tuple[int, float]]:
-        """(step, loss) per optimizer step."""
-        return read_loss_csv(self.loss_csv)
-
-    @property
-    def steps_per_second(self) -> float:
-        """Optimizer steps per second of this call (resumed steps excluded)."""
-        return (self.steps - self.resumed_from) / self.seconds if self.seconds > 0 else float("nan")
-
-    def __str__(self) -> str:
-        new = self.steps - self.resumed_from
-        if new == 0:
-            run = f"all {self.steps} steps were done before (nothing to train)"
-        elif self.resumed_from:
-            run = f"resumed at step {self.resumed_from}, trained {new} more ({self.steps_per_second:.2f} steps/s)"
-        else:
-            run = f"trained {new} steps ({self.steps_per_second:.2f} steps/s)"
-        return f"{run}; LoRA: {self.lora_path}"
-
-    def loss_plot(self, smooth: int = 10) -> Any:
-        """matplotlib Figure of the loss per step and its moving average (no display needed)."""
-        from matplotlib.figure import Figure
-
-        rows = self.losses
-        fig = Figure(figsize=(7, 3.5))
-        ax = fig.add_subplot()
-        if rows:
-            steps, losses = zip(*rows, strict=True)
-            ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
-            k = max(1, min(smooth, len(losses)))
-            avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
-                   for i in range(len(losses))]
-            ax.plot(steps, avg, lw=1.5, label=f"mean of {k}")
-            ax.legend()
-        ax.set_xlabel("step")
-        ax.set_ylabel("MSE loss")
-        ax.set_title("Kolors LoRA training loss")
-        fig.tight_layout()
-        return fig
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -314,12 +122,12 @@ class _RunCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         with open(self.loss_csv, "a", newline="") as f:
-            f.write(f"{step},{loss:.8g}\n")
+            f.write(f"{step},{loss:.8g},{pl_module.step_lr:.8g}\n")
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}")
         save_every = self.cfg.train.save_every
-        if save_every and (step % save_every == 0 or step == self.total):
+        if save_every and (step % save_every == 0 or step == self.total or trainer.should_stop):
             self._checkpoint(trainer, pl_module, step)
         every = self.cfg.train.validate_every
         if self.validator is not None and every and step % every == 0:
@@ -329,7 +137,7 @@ class _RunCallback(L.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         state = {"step": step, "total": self.total, "fingerprint": self.fingerprint,
                  "lora": module.lora_state_dict(), "optimizer": trainer.optimizers[0].state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None}
+                 "scaler": scaler.state_dict() if scaler is not None else None, "extra": module.extra_state()}
         save_checkpoint(checkpoint_dir(self.cfg) / f"step-{step:07d}.pt", state)
         for old in list_checkpoints(self.cfg)[:-CKPT_KEEP]:
             old.unlink(missing_ok=True)
@@ -435,13 +243,6 @@ def _resume_state(cfg: Config, fingerprint: str, resume: bool, total: int) -> di
     return None
 
 
-def _truncate_loss_csv(path: Path, upto: int) -> None:
-    rows = [r for r in read_loss_csv(path) if r[0] <= upto]
-    with open(path, "w", newline="") as f:
-        f.write("step,loss\n")
-        f.writelines(f"{s},{v:.8g}\n" for s, v in rows)
-
-
 def save_lora(module: KolorsLoraModule, path: Path, metadata: dict[str, str]) -> Path:
     """Write the LoRA (DiffSynth/peft key names, fp32) as safetensors, atomically."""
     save_safetensors(module.lora_state_dict(), path, metadata)
@@ -469,25 +270,79 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
     prompts, negative = validation_texts(cfg) if validating else ([], "")
     plan = device_plan(cfg)
     report = build_cache(cfg, prompts, negative, plan)
+    train_samples, held_out = split_samples(report.samples, t, cfg.seed)
+    _check_options(t, held_out)
     fingerprint = run_fingerprint(cfg, report)
     world = _world_size(t.devices, t.accelerator)
-    total = total_steps(cfg, len(report.samples), world)
+    total = total_steps(cfg, len(train_samples), world)
     state = _resume_state(cfg, fingerprint, resume, total)
     start = int(state["step"]) if state else 0
     cfg.lora_dir.mkdir(parents=True, exist_ok=True)
     loss_csv = cfg.loss_csv
-    _truncate_loss_csv(loss_csv, start)
+    truncate_loss_csv(loss_csv, start)
+    if held_out:
+        truncate_val_csv(cfg.val_loss_csv, start)
+    else:
+        cfg.val_loss_csv.unlink(missing_ok=True)  # a log of another run's split
     module = KolorsLoraModule.from_config(cfg, plan)
-    module.sample_offset = start * t.grad_accum
+    module.sample_offset, module.total_steps = start * t.grad_accum, total
     if state:
         module.load_lora_state_dict(state["lora"])
         module.resume_state = state
-    if start < total:
-        _fit(cfg, plan, module, report, start, total, world, fingerprint, list(callbacks))
-    final = save_lora(module, cfg.lora_path, lora_metadata(cfg, total))
+        module.tracker.load_state_dict((state.get("extra") or {}).get("tracker") or {})
+    valset = ValidationSet(report, held_out, cfg.seed, t.val_draws) if held_out else None
+    if start < total and module.tracker.stopped_at is None:
+        _fit(cfg, plan, module, dataclasses.replace(report, samples=train_samples), start, total, world,
+             fingerprint, list(callbacks), valset)
+    last = module.tracker.stopped_at or total
+    final = _save_outputs(cfg, module, last, valset is not None)
     validator_images = sorted((cfg.lora_dir / "validation").glob("step-*.png"))
-    return TrainResult(final, loss_csv, list_checkpoints(cfg), total, start, time.perf_counter() - begin,
-                       report.root, validator_images)
+    return TrainResult(final, loss_csv, list_checkpoints(cfg), last, start, time.perf_counter() - begin,
+                       report.root, validator_images, cfg.val_loss_csv if held_out else None,
+                       module.tracker.best_step if held_out else None, module.tracker.stopped_at)
+
+
+def compare_settings(cfg: Config, settings: dict[str, dict[str, Any]], **common: Any) -> dict[str, TrainResult]:
+    """Train each named setting on step 02's data in its own folder (lora/compare/NAME); same held-out split.
+
+    `common` goes to every run (e.g. steps, val_fraction); the main LoRA in lora/ is never touched.
+    """
+    results = {}
+    for name, overrides in settings.items():
+        run = dataclasses.replace(cfg, workdir=cfg.lora_dir / "compare" / name)
+        if not run.train_dir.exists():  # the same images, not a copy
+            run.train_dir.parent.mkdir(parents=True, exist_ok=True)
+            run.train_dir.symlink_to(cfg.train_dir.resolve(), target_is_directory=True)
+        results[name] = train_lora(run, **{**common, **overrides})
+    return results
+
+
+def _check_options(t: TrainConfig, held_out: list[Any]) -> None:
+    """Options that need a validation split fail early, naming the setting."""
+    for needs, name in ((t.early_stop_patience, "train.early_stop_patience"),
+                        (t.lr_scheduler == "plateau", "train.lr_scheduler: plateau")):
+        if needs and not held_out:
+            raise TrainingError(f"{name} needs a validation split: set train.val_fraction or train.val_files")
+    if held_out and t.val_every < 1:
+        raise TrainingError("train.val_every must be at least 1 with a validation split")
+
+
+def _save_outputs(cfg: Config, module: KolorsLoraModule, last: int, validating: bool) -> Path:
+    """kolors_lora.safetensors (the best validation step with keep_best, else the last), + .last/.best/.ema."""
+    meta = lora_metadata(cfg, last)
+    lora_dir, tracker = cfg.lora_dir, module.tracker
+    ema = module.ema_state_dict()
+    if ema is not None:
+        save_safetensors(ema, lora_dir / LORA_FILE.replace(".safetensors", ".ema.safetensors"),
+                         {**meta, "ema_decay": str(cfg.train.ema_decay)})
+    if not (validating and tracker.best_lora is not None):
+        return save_lora(module, cfg.lora_path, meta)
+    best_meta = {**meta, "steps": str(tracker.best_step), "val_loss": f"{tracker.best:.8g}", "last_step": str(last)}
+    save_safetensors(tracker.best_lora, lora_dir / LORA_FILE.replace(".safetensors", ".best.safetensors"), best_meta)
+    if not cfg.train.keep_best:
+        return save_lora(module, cfg.lora_path, meta)
+    save_lora(module, lora_dir / LORA_FILE.replace(".safetensors", ".last.safetensors"), meta)
+    return save_safetensors(tracker.best_lora, cfg.lora_path, best_meta)
 
 
 def _strategy(name: str) -> str:
@@ -498,19 +353,28 @@ def _strategy(name: str) -> str:
 
 
 def _fit(cfg: Config, plan: Plan, module: KolorsLoraModule, report: CacheReport, start: int, total: int,
-         world: int, fingerprint: str, callbacks: list[L.Callback]) -> None:
+         world: int, fingerprint: str, callbacks: list[L.Callback], valset: ValidationSet | None = None) -> None:
     t = cfg.train
     remaining = total - start
-    dataset = CachedDataset(report, start * t.batch_size * t.grad_accum * world,
-                            remaining * t.batch_size * t.grad_accum * world, cfg.seed, t.random_flip)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=False,
+    if t.buckets:  # whole batches, one bucket each (batch_size=None: the dataset batches)
+        from kolors_lib.buckets import BucketBatches
+
+        dataset: torch.utils.data.Dataset = BucketBatches(report, start * t.grad_accum * world,
+                                                          remaining * t.grad_accum * world, cfg.seed,
+                                                          t.batch_size, t.random_flip)
+    else:
+        dataset = CachedDataset(report, start * t.batch_size * t.grad_accum * world,
+                                remaining * t.batch_size * t.grad_accum * world, cfg.seed, t.random_flip)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None if t.buckets else t.batch_size, shuffle=False,
                                          num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
     validator = _Validator(cfg, report, plan) if t.validate_every and t.validation_prompts else None
     run = _RunCallback(cfg, total, start, fingerprint, validator)
+    # the validation callback goes before `run`, so a checkpoint holds this step's validation
+    val = [ValidationCallback(valset, cfg.val_loss_csv, t.val_every, start, total)] if valset else []
     trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=_strategy(t.strategy),
                         precision=plan.precision,
                         max_steps=remaining, max_epochs=-1, accumulate_grad_batches=t.grad_accum,
-                        callbacks=[run, *callbacks], logger=False, enable_checkpointing=False,
+                        callbacks=[*val, run, *callbacks], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=str(cfg.lora_dir))
     try:

@@ -282,6 +282,56 @@ def test_every_format_converts_to_every_other(trained: tuple) -> None:
             close(pairs[module].delta(), reference[module].delta())
 
 
+# ---------------------------------------------------------------- every target-module set (issue 12)
+
+
+def _random_lora(base_unet: torch.nn.Module, targets: list[str], seed: int) -> torch.nn.Module:
+    """A copy of the DiffSynth UNet with a random LoRA on `targets`, injected by peft as the trainer does."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian",
+                                               target_modules=targets), copy.deepcopy(base_unet))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("preset", ["attn_ff", "all_linear"])
+def test_every_target_set_round_trips_and_loads_in_diffusers(
+        preset: str, base_unet: torch.nn.Module, _work_unet: tuple, inputs: tuple, tmp_path: Path,
+        tiny_unet_root: Path) -> None:
+    from diffusers import KolorsPipeline, UNet2DConditionModel
+
+    from kolors_lib.config import TARGET_PRESETS
+
+    targets = TARGET_PRESETS[preset]
+    model = _random_lora(base_unet, targets, seed=2)
+    state = {k: v.detach().clone() for k, v in model.named_parameters() if ".lora_" in k}
+    y_ref = run_diffsynth(model, inputs)
+    attn = {k for k in state if k.split(".")[-4] in TARGETS}
+    assert len(attn) == 70 * 2 * 4 * 2 and len(state) > len(attn)  # the extra layers are in the LoRA
+    src = save_lora(state, tmp_path / "lora.safetensors", META)
+    unet, weights = _work_unet
+    for fmt in FORMATS:
+        path = export_lora(src, fmt, tmp_path / f"lora_{fmt}.safetensors")
+        exported, meta = load_lora(path)
+        back, _ = convert_lora(exported, "diffsynth", meta)
+        assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+        unet.load_state_dict(weights)
+        assert merge_lora(unet, exported, 1.0, meta=meta) == len(state) // 2
+        close(run_diffsynth(unet, inputs), y_ref)
+        if fmt == "diffsynth":
+            continue  # diffusers reads its own and kohya's namings
+        diffusers_unet = UNet2DConditionModel.from_pretrained(tiny_unet_root / "Kolors/unet", variant="fp16").eval()
+        loaded, alphas = KolorsPipeline.lora_state_dict(str(tmp_path), weight_name=path.name)
+        KolorsPipeline.load_lora_into_unet(loaded, alphas, diffusers_unet)
+        close(run_diffusers(diffusers_unet, inputs), y_ref)
+    unet.load_state_dict(weights)
+
+
 # ---------------------------------------------------------------- mismatches
 
 

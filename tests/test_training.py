@@ -271,8 +271,15 @@ def test_train_lora_outputs_and_no_text_encoder_during_steps(cfg: Config,
     assert result.steps_per_second > 0
 
 
-def test_resume_after_interrupt_equals_uninterrupted_run(base_cfg: Config, tmp_path: Path) -> None:
-    settings = {"steps": 4, "grad_accum": 2, "random_flip": True, **FAST}
+# every issue-12 option on at once (patience high enough not to stop a 4-step run)
+ALL_OPTIONS = {"val_files": ["img_2.png"], "val_every": 1, "early_stop_patience": 10, "optimizer": "lion",
+               "lr_scheduler": "cosine", "lr_warmup_steps": 1, "min_snr_gamma": 5.0, "noise_offset": 0.05,
+               "target_modules": "attn_ff", "buckets": True, "augment_variants": 2, "ema_decay": 0.9}
+
+
+@pytest.mark.parametrize("options", [{}, ALL_OPTIONS], ids=["stock", "all-options"])
+def test_resume_after_interrupt_equals_uninterrupted_run(base_cfg: Config, tmp_path: Path, options: dict) -> None:
+    settings = {"steps": 4, "grad_accum": 2, "random_flip": True, **FAST, **options}
     whole = train_lora(_cfg_in(base_cfg, tmp_path / "a"), **settings)
 
     cfg = _cfg_in(base_cfg, tmp_path / "b")
@@ -286,6 +293,13 @@ def test_resume_after_interrupt_equals_uninterrupted_run(base_cfg: Config, tmp_p
     assert resumed.losses == whole.losses  # steps 1-2 kept, 3-4 as in the uninterrupted run
     a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.val_losses == whole.val_losses and resumed.best_step == whole.best_step
+    for extra in ("ema", "last"):  # written only with those options
+        name = f"kolors_lora.{extra}.safetensors"
+        assert (whole.lora_path.parent / name).is_file() == bool(options)
+        if options:
+            a, b = load_file(str(whole.lora_path.parent / name)), load_file(str(resumed.lora_path.parent / name))
+            assert all(torch.equal(a[k], b[k]) for k in a)
 
     before = sorted(p.name for p in resumed.checkpoints)
     with pytest.warns(UserWarning, match="moved aside|kept in"):
