@@ -14,7 +14,7 @@ import torch
 
 from kolors_lib.architecture import NUM_TRAIN_TIMESTEPS, kolors_scheduler
 from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import Config, LoraConfig, TrainConfig
+from kolors_lib.config import Config, LoraConfig, TrainConfig, default_train
 from kolors_lib.errors import NonFiniteLossError, TrainingError
 from kolors_lib.plan import Plan, device_plan
 from kolors_lib.recipe import ema_state, make_ema, make_lr_scheduler, make_optimizer, min_snr_weight, offset_noise, snr
@@ -82,7 +82,7 @@ class KolorsLoraModule(L.LightningModule):
         self.step_lr = learning_rate  # the learning rate of the current optimizer step (loss.csv)
         self.resume_state: dict[str, Any] | None = None
         # issue 12's options (defaults: the stock step); total_steps drives the learning-rate schedule
-        self.options = options or TrainConfig()
+        self.options = options or default_train()
         self.total_steps = 0
         self.tracker = BestTracker(self.options.early_stop_patience)
         self.plateau: Any = None

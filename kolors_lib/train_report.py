@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kolors_lib.architecture import BETA_END, NUM_TRAIN_TIMESTEPS
-from kolors_lib.config import Config, TrainConfig
+from kolors_lib.config import Config, TrainConfig, default_train
 from kolors_lib.validation import read_val_csv
 
 # issue 12's options: only those changed from their default enter fingerprints and metadata, so a
@@ -22,7 +22,7 @@ OPTION_KEYS = ("val_fraction", "val_files", "val_every", "val_draws", "early_sto
 
 def changed_options(t: TrainConfig) -> dict[str, Any]:
     """The issue-12 training options that differ from their defaults."""
-    default = TrainConfig()
+    default = default_train()
     return {k: getattr(t, k) for k in OPTION_KEYS if getattr(t, k) != getattr(default, k)}
 
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kolors_lib.buckets import batch_plan, bucket_sizes, nearest_bucket
-from kolors_lib.config import Config, TrainConfig, load_config
+from kolors_lib.config import Config, default_train, load_config
 from kolors_lib.encode_cache import Sample, build_cache
 from kolors_lib.errors import TrainingError
 from kolors_lib.recipe import make_lr_scheduler, make_optimizer
@@ -54,16 +54,16 @@ def _cfg(base: Config, workdir: Path, shapes: tuple = ((80, 64), (64, 96), (72, 
 
 def test_split_is_deterministic_and_checked() -> None:
     samples = [Sample(f"{i}.png", "t") for i in range(10)]
-    train, held = split_samples(samples, TrainConfig(val_fraction=0.2), seed=1)
+    train, held = split_samples(samples, default_train(val_fraction=0.2), seed=1)
     assert len(held) == 2 and len(train) == 8 and not {s.file_name for s in held} & {s.file_name for s in train}
-    again = split_samples(list(reversed(samples)), TrainConfig(val_fraction=0.2), seed=1)[1]
+    again = split_samples(list(reversed(samples)), default_train(val_fraction=0.2), seed=1)[1]
     assert {s.file_name for s in again} == {s.file_name for s in held}  # by name, not by order
-    assert [s.file_name for s in split_samples(samples, TrainConfig(val_files=["3.png"]), 1)[1]] == ["3.png"]
+    assert [s.file_name for s in split_samples(samples, default_train(val_files=["3.png"]), 1)[1]] == ["3.png"]
     with pytest.raises(TrainingError, match="nope.png not in"):
-        split_samples(samples, TrainConfig(val_files=["nope.png"]), 1)
+        split_samples(samples, default_train(val_files=["nope.png"]), 1)
     with pytest.raises(TrainingError, match="no image to train on"):
-        split_samples(samples[:1], TrainConfig(val_fraction=0.5), 1)
-    assert split_samples(samples, TrainConfig(), 1) == (samples, [])
+        split_samples(samples[:1], default_train(val_fraction=0.5), 1)
+    assert split_samples(samples, default_train(), 1) == (samples, [])
 
 
 def test_validation_loss_is_deterministic_and_tracks_the_weights(base_cfg: Config, tmp_path: Path) -> None:
@@ -256,14 +256,14 @@ def test_min_snr_and_noise_offset_change_the_loss_as_their_formulas(base_cfg: Co
         torch.manual_seed(seed)
         torch.randn_like(batch["latents"])
         t = int(module.scheduler.timesteps[torch.randint(0, 1100, (1,))])
-        module.options = TrainConfig(min_snr_gamma=5.0)
+        module.options = default_train(min_snr_gamma=5.0)
         torch.manual_seed(seed)
         weighted = module.compute_loss(batch)
         snr = float(acp[t] / (1 - acp[t]))
         torch.testing.assert_close(weighted, plain * (min(snr, 5.0) / snr), rtol=1e-5, atol=0)
 
         # noise offset: ε + 0.1·N(0,1) per (sample, channel), drawn after the stock draws
-        module.options = TrainConfig(noise_offset=0.1)
+        module.options = default_train(noise_offset=0.1)
         torch.manual_seed(seed)
         offset = module.compute_loss(batch)
         torch.manual_seed(seed)
@@ -278,7 +278,7 @@ def test_min_snr_and_noise_offset_change_the_loss_as_their_formulas(base_cfg: Co
                                add_text_embeds=batch["add_text_embeds"],
                                add_time_id=torch.tensor([RES, RES, 0, 0, RES, RES]))
         torch.testing.assert_close(offset.detach(), ((pred - noise) ** 2).mean(), rtol=1e-4, atol=1e-6)
-        module.options = TrainConfig()
+        module.options = default_train()
 
 
 # --------------------------------------------------------------------------- buckets, variants, EMA
