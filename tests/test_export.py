@@ -301,7 +301,7 @@ def _random_lora(base_unet: torch.nn.Module, targets: list[str], seed: int) -> t
 
 @pytest.mark.parametrize("preset", ["attn_ff", "all_linear"])
 def test_every_target_set_round_trips_and_loads_in_diffusers(
-        preset: str, base_unet: torch.nn.Module, _work_unet: tuple, inputs: tuple, tmp_path: Path,
+        preset: str, base_unet: torch.nn.Module, _work_unet: tuple, unet_inputs: tuple, tmp_path: Path,
         tiny_unet_root: Path) -> None:
     from diffusers import KolorsPipeline, UNet2DConditionModel
 
@@ -310,7 +310,7 @@ def test_every_target_set_round_trips_and_loads_in_diffusers(
     targets = TARGET_PRESETS[preset]
     model = _random_lora(base_unet, targets, seed=2)
     state = {k: v.detach().clone() for k, v in model.named_parameters() if ".lora_" in k}
-    y_ref = run_diffsynth(model, inputs)
+    y_ref = run_diffsynth(model, unet_inputs)
     attn = {k for k in state if k.split(".")[-4] in TARGETS}
     assert len(attn) == 70 * 2 * 4 * 2 and len(state) > len(attn)  # the extra layers are in the LoRA
     src = save_lora(state, tmp_path / "lora.safetensors", META)
@@ -322,13 +322,13 @@ def test_every_target_set_round_trips_and_loads_in_diffusers(
         assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
         unet.load_state_dict(weights)
         assert merge_lora(unet, exported, 1.0, meta=meta) == len(state) // 2
-        close(run_diffsynth(unet, inputs), y_ref)
+        close(run_diffsynth(unet, unet_inputs), y_ref)
         if fmt == "diffsynth":
             continue  # diffusers reads its own and kohya's namings
         diffusers_unet = UNet2DConditionModel.from_pretrained(tiny_unet_root / "Kolors/unet", variant="fp16").eval()
         loaded, alphas = KolorsPipeline.lora_state_dict(str(tmp_path), weight_name=path.name)
         KolorsPipeline.load_lora_into_unet(loaded, alphas, diffusers_unet)
-        close(run_diffusers(diffusers_unet, inputs), y_ref)
+        close(run_diffusers(diffusers_unet, unet_inputs), y_ref)
     unet.load_state_dict(weights)
 
 
