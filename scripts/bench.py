@@ -212,13 +212,6 @@ def case_generate_stock(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
     return {"seconds_per_panel": [(time.perf_counter() - start) / len(story.scenes)]}
 
 
-def _vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def _reset_peak() -> float:
     """Reset this process's resident high-water mark (Linux clear_refs 5); return the RSS now (GiB)."""
     import ctypes
@@ -228,6 +221,13 @@ def _reset_peak() -> float:
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, so new allocations show in RSS
     Path("/proc/self/clear_refs").write_text("5")
     return _vm_kib("VmRSS") / 2**20
+
+
+def _vm_kib(field: str) -> int:
+    """This process's VmRSS / VmHWM in KiB (the rehearsal's /proc reader)."""
+    from rehearse import status_kib  # scripts/ is on sys.path when a script runs
+
+    return status_kib(os.getpid(), field)
 
 
 def case_cpu_1024(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001

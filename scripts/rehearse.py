@@ -65,7 +65,8 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _status_kib(pid: int, field: str) -> int:
+def status_kib(pid: int, field: str) -> int:
+    """One kB field of /proc/PID/status (VmRSS, VmHWM), 0 when the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -85,8 +86,8 @@ class PeakRss:
     def _run(self) -> None:
         while not self._stop.is_set():
             pids = _descendants(os.getpid())
-            total = sum(_status_kib(p, "VmRSS") for p in pids)
-            hwm = max((_status_kib(p, "VmHWM") for p in pids), default=0)
+            total = sum(status_kib(p, "VmRSS") for p in pids)
+            hwm = max((status_kib(p, "VmHWM") for p in pids), default=0)
             if max(total, hwm) > self.peak_kib:
                 self.peak_kib, self.peak_at = max(total, hwm), time.time()
             self._stop.wait(self.interval)
