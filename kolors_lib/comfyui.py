@@ -193,18 +193,24 @@ def _check_inputs(where: str, nid: int, spec: NodeSpec, node: Mapping[str, Any],
             errors.append(f"{where}: unknown input {name!r} (the node type has "
                           f"{', '.join(declared_in) or 'no inputs'})")
         if link_id is not None:
-            link = table.get(link_id)
-            if link is None:
+            end = _link_end(table, link_id, 3)
+            if end is None:
                 errors.append(f"{where}: input {name!r} refers to link {link_id}, which does not exist")
-            elif (link[3], link[4]) != (nid, slot):
+            elif end != (nid, slot):
                 errors.append(f"{where}: input {name!r} (slot {slot}) refers to link {link_id}, which goes "
-                              f"to node {link[3]} slot {link[4]}")
+                              f"to node {end[0]} slot {end[1]}")
         elif declared_in.get(name, ("", False))[1]:
             errors.append(f"{where}: required input {name!r} is not linked")
     for name, (_, required) in declared_in.items():
         if required and name not in seen_inputs:
             errors.append(f"{where}: required input {name!r} is missing")
     return errors
+
+
+def _link_end(table: Mapping[int, list[Any]], link_id: Any, at: int) -> tuple[Any, Any] | None:
+    """(node, slot) at one end of a link (at=1: its source, at=3: its target); None for an unknown link."""
+    link = table.get(link_id)
+    return None if link is None else (link[at], link[at + 1])
 
 
 def _check_outputs(where: str, nid: int, spec: NodeSpec, node: Mapping[str, Any],
@@ -218,12 +224,12 @@ def _check_outputs(where: str, nid: int, spec: NodeSpec, node: Mapping[str, Any]
         if out.get("type") != typ:
             errors.append(f"{where}: output {slot} is declared {out.get('type')!r}, the node type gives {typ!r}")
         for link_id in out.get("links") or []:
-            link = table.get(link_id)
-            if link is None:
+            end = _link_end(table, link_id, 1)
+            if end is None:
                 errors.append(f"{where}: output {name!r} lists link {link_id}, which does not exist")
-            elif (link[1], link[2]) != (nid, slot):
+            elif end != (nid, slot):
                 errors.append(f"{where}: output {name!r} (slot {slot}) lists link {link_id}, which comes from "
-                              f"node {link[1]} slot {link[2]}")
+                              f"node {end[0]} slot {end[1]}")
     return errors
 
 
