@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint demo bench rehearse clean
+.PHONY: setup test lint demo bench rehearse learn clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml scripts/setup_env.py
 	$(PYTHON) scripts/setup_env.py --venv $(VENV)
@@ -31,6 +31,9 @@ bench: setup  ## real-size Kolors, random weights: memory and speed, ours vs sto
 
 rehearse: setup  ## notebooks 01..06 on profile full with a real-size random Kolors, on CPU (writes ~17 GB once)
 	KOLORS_REHEARSE=1 $(BIN)/python -m pytest -m slow tests/test_fullsize.py -k rehearsal -s
+
+learn: setup  ## the honest "it learns" check: a LoRA lowers its pictures' validation loss, one fed no data does not (~3 min)
+	KOLORS_LEARN=1 $(BIN)/python -m pytest -m slow tests/test_it_learns.py -s
 
 clean:
 	rm -rf workdir .pytest_cache .ruff_cache

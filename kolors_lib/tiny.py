@@ -88,7 +88,27 @@ def write_tiny_vae(folder: Path, seed: int) -> None:
     cfg = tiny_vae_config()
     torch.manual_seed(seed)
     model = AutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    calibrate_latent_scale(model, cfg["scaling_factor"])
     _save_diffusers(model, folder, cfg)
+
+
+def calibrate_latent_scale(vae: torch.nn.Module, scaling_factor: float, seed: int = 0) -> float:
+    """Scale a random VAE's encoder so that scaled latents spread like the real SDXL VAE's (std 1).
+
+    A random encoder's latents are ~30x too small: pictures would be invisible next to the noise,
+    and no training on the tiny model could tell one image from another. Returns the factor applied.
+    """
+    g = torch.Generator().manual_seed(seed)
+    # smooth pictures in [-1, 1]: coarse random colours upsampled, like photos' low frequencies
+    images = torch.nn.functional.interpolate(torch.rand((8, 3, 4, 4), generator=g) * 2 - 1, size=(64, 64),
+                                             mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        mean = vae.encode(images).latent_dist.mean
+        factor = float(1.0 / (scaling_factor * mean.std()))
+        rows = mean.shape[1]  # quant_conv gives (mean, logvar): only the mean rows change
+        vae.quant_conv.weight[:rows] *= factor
+        vae.quant_conv.bias[:rows] *= factor
+    return factor
 
 
 def write_tiny_chatglm(folder: Path, seed: int) -> None:

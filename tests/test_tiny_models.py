@@ -132,6 +132,21 @@ def test_tiny_vae_agrees_with_diffusers_vae(tiny_dir: Path) -> None:
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("vae", ["Kolors/vae", "sdxl-vae-fp16-fix"])
+def test_tiny_vae_latents_spread_like_the_real_vaes(tiny_dir: Path, vae: str) -> None:
+    # A random encoder gave scaled latents of std ~0.04: pictures were invisible next to the unit noise
+    # of training, so no test on the tiny model could tell one training picture from another.
+    manager = load_model_manager([tiny_dir / vae / "diffusion_pytorch_model.safetensors"])
+    encoder = manager.fetch_model("sdxl_vae_encoder")
+    g = torch.Generator().manual_seed(7)  # other pictures than the calibration's
+    images = torch.nn.functional.interpolate(torch.rand(6, 3, 8, 8, generator=g) * 2 - 1, size=(64, 64),
+                                             mode="bilinear")
+    with torch.no_grad():
+        latents = encoder(images)
+    assert 0.5 < float(latents.std()) < 2.0
+    assert float(latents.std(dim=0).mean()) > 0.25  # pictures differ, not only their common offset
+
+
 def test_pipeline_generates_deterministic_images(tiny_dir: Path) -> None:
     import numpy as np
     from diffsynth import SDXLImagePipeline
