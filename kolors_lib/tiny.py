@@ -149,7 +149,8 @@ def write_tiny_kolors(dest: str | Path, seed: int = 0, overwrite: bool = False) 
     patch_torchvision()
     info = {"seed": seed, "unet_file": "diffusion_pytorch_model.fp16.safetensors",
             "unet": TINY_UNET, "vae": TINY_VAE, "chatglm": TINY_CHATGLM,
-            "clip_vision": TINY_CLIP_VISION, "vlm": TINY_VLM, "aesthetic_tokenizer": True}
+            "clip_vision": TINY_CLIP_VISION, "vlm": TINY_VLM, "aesthetic_tokenizer": True,
+            "vae_latent_std": 1.0}  # models written before the VAE calibration are rewritten
     tiny = RandomKolors("tiny", write_tiny_unet, write_tiny_vae, write_tiny_chatglm, write_tiny_aesthetic, info,
                         extra={"captioner": ("Qwen2-VL-2B-Instruct", write_tiny_vlm)})
     return write_random_kolors(dest, tiny, seed, overwrite)

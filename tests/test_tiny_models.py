@@ -94,6 +94,18 @@ def test_rewrite_is_skipped_when_unchanged(tiny_dir: Path) -> None:
     assert unet.stat().st_mtime_ns == before
 
 
+def test_models_written_before_the_vae_calibration_are_rewritten(tmp_path: Path) -> None:
+    root = tmp_path / "tiny"
+    write_tiny_kolors(root, seed=0)
+    marker = root / "tiny-kolors.json"
+    old = {k: v for k, v in json.loads(marker.read_text()).items() if k != "vae_latent_std"}
+    marker.write_text(json.dumps(old))  # what a work dir from before the calibration holds
+    vae = root / "sdxl-vae-fp16-fix/diffusion_pytorch_model.safetensors"
+    before = vae.stat().st_mtime_ns
+    write_tiny_kolors(root, seed=0)
+    assert vae.stat().st_mtime_ns != before and json.loads(marker.read_text())["vae_latent_std"] == 1.0
+
+
 def test_tiny_unet_agrees_with_diffusers_unet(tiny_dir: Path) -> None:
     """diffusers' own UNet2DConditionModel, loaded from the same folder, gives the same output."""
     from diffusers import UNet2DConditionModel
