@@ -9,7 +9,6 @@ back over the random UNet file so the course loads it through the usual path.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import random
 import shutil
@@ -18,11 +17,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from kolors_lib.config import Config, load_config
+from kolors_lib.config import Config
 from kolors_lib.encode_cache import build_cache, load_latents, load_text
-from kolors_lib.lora_module import make_scheduler
+from kolors_lib.lora_module import add_time_ids, make_scheduler
 from kolors_lib.models import kolors_paths
 from kolors_lib.settings import ModelSource
+from tests.train_sets import write_train_set
 
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "purple", "orange"]
 
@@ -37,21 +37,6 @@ def shape_picture(rng: random.Random, size: int) -> tuple[Image.Image, str]:
     draw = ImageDraw.Draw(image)
     (draw.rectangle if shape == "square" else draw.ellipse)([x0, y0, x1 + 4, y1 + 4], fill=fg)
     return image, f"a {fg} {shape} on {bg}"
-
-
-def write_train_set(base: Config, workdir: Path, pictures: list[Image.Image], captions: list[str],
-                    resolution: int) -> Config:
-    """A work dir whose step-02 output (train/ + metadata.csv) holds `pictures` with `captions`."""
-    cfg = dataclasses.replace(load_config(profile="tiny", workdir=workdir), models=base.models,
-                              resolution=resolution)
-    cfg.train_dir.mkdir(parents=True)
-    with open(cfg.train_dir / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "text"])
-        for i, (picture, caption) in enumerate(zip(pictures, captions, strict=True)):
-            picture.save(cfg.train_dir / f"img_{i}.png")
-            writer.writerow([f"img_{i}.png", caption])
-    return cfg
 
 
 def pretrain_tiny_unet(base: Config, workdir: Path, steps: int = 120, batch: int = 8, count: int = 64,
@@ -90,12 +75,12 @@ def _fit_unet(folder: Path, latents: torch.Tensor, hidden: torch.Tensor, pooled:
     unet = UNet2DConditionModel.from_pretrained(folder, variant="fp16", torch_dtype=torch.float32)
     scheduler, optimizer = make_scheduler(), torch.optim.AdamW(unet.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    size = latents.shape[-1] * 8
-    time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32).repeat(batch, 1)
+    time_ids = add_time_ids(latents[:batch]).reshape(batch, -1).float()  # the course's micro-conditioning
     for _ in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=g)
         t = scheduler.timesteps[torch.randint(0, len(scheduler.timesteps), (batch,), generator=g)]
+        # DiffSynth's scheduler takes one timestep per call
         noisy = torch.cat([scheduler.add_noise(x0[i:i + 1], noise[i:i + 1], t[i:i + 1]) for i in range(batch)])
         target = torch.cat([scheduler.training_target(x0[i:i + 1], noise[i:i + 1], t[i:i + 1])
                             for i in range(batch)])

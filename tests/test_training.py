@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from kolors_lib.training import (
     inject_lora,
     train_lora,
 )
+from tests.train_sets import random_pictures, write_train_dir
 
 RES = 64  # small on purpose: 8x8 latents keep every step in milliseconds
 CAPTIONS = ["kstory, a red cat", "kstory, a blue house", "kstory, a red cat"]  # one caption repeats
@@ -33,17 +33,7 @@ FAST = {"resolution": RES, "save_every": 2, "gradient_checkpointing": False}
 
 def _write_train_dir(train_dir: Path) -> None:
     """Three small images of different shapes and DiffSynth's metadata.csv."""
-    train_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, (w, h) in enumerate([(80, 64), (64, 96), (72, 72)]):
-        name = f"img_{i}.png"
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(train_dir / name)
-        rows.append({"file_name": name, "text": CAPTIONS[i]})
-    with open(train_dir / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, ["file_name", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_train_dir(train_dir, random_pictures([(80, 64), (64, 96), (72, 72)]), CAPTIONS)
 
 
 @pytest.fixture(scope="module")

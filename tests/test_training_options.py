@@ -8,10 +8,8 @@ import dataclasses
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -22,6 +20,7 @@ from kolors_lib.errors import TrainingError
 from kolors_lib.recipe import make_lr_scheduler, make_optimizer
 from kolors_lib.training import KolorsLoraModule, train_lora
 from kolors_lib.validation import ValidationSet, split_samples
+from tests.train_sets import random_pictures, write_train_set
 
 RES = 64
 FAST = {"resolution": RES, "save_every": 2, "gradient_checkpointing": False}
@@ -37,16 +36,8 @@ def base_cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 
 def _cfg(base: Config, workdir: Path, shapes: tuple = ((80, 64), (64, 96), (72, 72), (64, 64))) -> Config:
-    cfg = dataclasses.replace(load_config(profile="tiny", workdir=workdir), models=base.models, resolution=RES)
-    cfg.train_dir.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    with open(cfg.train_dir / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "text"])
-        for i, (w, h) in enumerate(shapes):
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(cfg.train_dir / f"img_{i}.png")
-            writer.writerow([f"img_{i}.png", f"kstory, picture {i}"])
-    return cfg
+    return write_train_set(base, workdir, random_pictures(shapes), [f"kstory, picture {i}" for i in range(len(shapes))],
+                           RES)
 
 
 # --------------------------------------------------------------------------- validation split
