@@ -235,8 +235,9 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
                                      {"caption": caption, "encoder": te_id, "dtype": str(dtype)})
         for key, s in images.items():
             tensors = {}
+            content = content_hash((cfg.train_dir / s.file_name).read_bytes()) if cfg.train.augment_variants else ""
             for variant in range(cfg.train.augment_variants + 1):
-                augment = _augment(cfg, cfg.train_dir / s.file_name, variant)
+                augment = _augment(cfg, content, variant)
                 image = load_image_tensor(cfg.train_dir / s.file_name, cfg.resolution, cfg.train.center_crop,
                                           cfg.seed, s.size, augment)
                 batch = torch.stack([image, image.flip(-1)]) if cfg.train.random_flip else image[None]
@@ -245,7 +246,7 @@ def _encode(cfg: Config, text_encoder: Path | None, vae_file: Path | None, texts
                 tensors[name] = latents[0]
                 if cfg.train.random_flip:
                     # the VAE is not exactly flip-equivariant: encode the mirrored image too
-                    tensors["latents_flipped" if not variant else f"{name}_flipped"] = latents[1]
+                    tensors[f"{name}_flipped"] = latents[1]
             save_safetensors(tensors, root / "latents" / f"{key}.safetensors",
                                      {"file_name": s.file_name, "resolution": str(cfg.resolution),
                                       "crop": crop, "vae": vae_id, "dtype": str(dtype)})
@@ -266,13 +267,13 @@ def _cache_size(cfg: Config, path: Path) -> tuple[int, int]:
         return nearest_bucket(*image.size, bucket_sizes(cfg.resolution, cfg.train.bucket_max_aspect))
 
 
-def _augment(cfg: Config, path: Path, variant: int) -> Callable[[Any], Any] | None:
-    """The augmentation of cached variant `variant` of an image (None for the original, variant 0)."""
+def _augment(cfg: Config, content: str, variant: int) -> Callable[[Any], Any] | None:
+    """The augmentation of cached variant `variant` of an image whose bytes hash to `content` (None: the original)."""
     if not variant:
         return None
     from kolors_lib.augment import Augment, variant_seed
 
-    seed = variant_seed(cfg.seed, content_hash(path.read_bytes()), variant)
+    seed = variant_seed(cfg.seed, content, variant)
     return Augment(seed, cfg.train.augment_crop_scale, cfg.train.augment_jitter)
 
 
@@ -288,7 +289,7 @@ def pick_latents(entry: dict[str, torch.Tensor], seed: int, absolute: int, rando
         seed * 7_919 + absolute)) < 0.5)
     if not flip:
         return entry[name]
-    return entry["latents_flipped" if name == "latents" else f"{name}_flipped"]
+    return entry[f"{name}_flipped"]
 
 
 def load_text(root: Path, key: str) -> dict[str, torch.Tensor]:
