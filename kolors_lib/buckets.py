@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kolors_lib.encode_cache import CacheReport, load_latents, load_text, pick_latents
+from kolors_lib.encode_cache import CachedDataset, CacheReport, pick_latents
 
 Size = tuple[int, int]  # (width, height) in pixels
 
@@ -57,7 +57,7 @@ def batch_plan(buckets: Sequence[Size], batch_size: int, seed: int, epoch: int) 
     return [batches[int(j)] for j in torch.randperm(len(batches), generator=g)]
 
 
-class BucketBatches(torch.utils.data.Dataset):
+class BucketBatches(CachedDataset):
     """Whole training batches (one bucket each) read from the cache; batch i of the run is fixed by (seed, i).
 
     Use with DataLoader(batch_size=None); under DDP each rank gets whole batches.
@@ -65,16 +65,10 @@ class BucketBatches(torch.utils.data.Dataset):
 
     def __init__(self, report: CacheReport, start: int, length: int, seed: int, batch_size: int,
                  random_flip: bool):
-        self.start, self.length, self.seed, self.random_flip = start, length, seed, random_flip
-        self.latents = [load_latents(report.root, s.image_key) for s in report.samples]
-        texts = {s.text_key: load_text(report.root, s.text_key) for s in report.samples}
-        self.texts = [texts[s.text_key] for s in report.samples]
+        super().__init__(report, start, length, seed, random_flip)
         self.buckets = [tuple(lat["latents"].shape[-2:]) for lat in self.latents]
         self.batch_size = batch_size
         self.per_epoch = len(batch_plan(self.buckets, batch_size, seed, 0))
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         absolute = self.start + index
