@@ -20,7 +20,7 @@ def _main() -> int:
     if missing:
         return _wrong_python(missing[0])
     try:
-        from kolors_lib.cli import main
+        from kolors_lib.cli.main import main
 
         return main()
     except ModuleNotFoundError as err:

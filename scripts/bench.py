@@ -8,12 +8,12 @@ The model is the real-size random-weight Kolors in the download's layout
 a download. Each case runs in its own process, so its peak memory is its own: peak GPU memory
 (torch.cuda.max_memory_allocated) on a GPU, else peak resident host memory (ru_maxrss).
 
-- train-ours: `kolors_lib.training.train_lora` on profile `full` (device plan: UNet dtype,
+- train-ours: `kolors_lib.train.training.train_lora` on profile `full` (device plan: UNet dtype,
   Lightning precision); its text/latent cache is built first in a `cache` case, so the figure
   is the training steps' own. Time per step from a Lightning callback.
 - train-stock: DiffSynth's `LightningModelForT2ILoRA.training_step` on the same files, as the
   camp's script builds it (ChatGLM + VAE resident and run at every step).
-- generate-ours: `kolors_lib.generation.render_storyboard` (device plan, encode-then-offload).
+- generate-ours: `kolors_lib.storyboard.storyboard.render_storyboard` (device plan, encode-then-offload).
 - generate-stock: one `SDXLImagePipeline` holding everything, called once per panel.
 - cpu-1024 (CPU only): one training step and one denoise step at 1024² (what a GPU would hold).
 The FLOP floor of a step is counted (torch's FlopCounterMode, meta device): a UNet forward,
@@ -51,14 +51,14 @@ def peak_memory_gib(device: str) -> float:
 
 def unet_flops(resolution: int) -> float:
     """FLOPs of one Kolors UNet forward at resolution² (counted on the meta device, no memory)."""
-    from kolors_lib.compat import patch_torchvision
+    from kolors_lib.core.compat import patch_torchvision
 
     patch_torchvision()
     import torch
     from diffsynth.models.sdxl_unet import SDXLUNet
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kolors_lib.training import add_time_ids
+    from kolors_lib.train.lora_module import add_time_ids
 
     with torch.device("meta"):
         unet = SDXLUNet(is_kolors=True)
@@ -71,7 +71,7 @@ def unet_flops(resolution: int) -> float:
 
 def course_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN201 - kolors_lib Config
     """Profile `full` pointed at the random Kolors, with this run's size and steps (values only)."""
-    from kolors_lib.config import load_config
+    from kolors_lib.core.config import load_config
 
     models = Path(args.models)
     precision = "16-mixed" if args.device.startswith("cuda") else "bf16-mixed"
@@ -97,8 +97,8 @@ def _training_set(cfg) -> None:  # noqa: ANN001
 
 def case_train_ours(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
     """train_lora through the device plan; seconds per step after the first (warm-up) step."""
-    from kolors_lib.encode_cache import build_cache
-    from kolors_lib.training import L, train_lora
+    from kolors_lib.train.cache import build_cache
+    from kolors_lib.train.training import L, train_lora
 
     if args.case == "cache":
         _training_set(cfg)
@@ -123,7 +123,7 @@ def case_train_ours(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
 
 def _stock_manager(cfg, dtype, device: str):  # noqa: ANN001, ANN201
     """The camp's ModelManager: ChatGLM, UNet and VAE from the model folder, all on `device`."""
-    from kolors_lib.models import kolors_paths, load_model_manager
+    from kolors_lib.kolors.models import kolors_paths, load_model_manager
 
     return load_model_manager(kolors_paths(cfg).files(), device=device, dtype=dtype)
 
@@ -170,9 +170,10 @@ def _lora_file(cfg) -> Path:  # noqa: ANN001
     """The LoRA train-ours wrote; else a zero LoRA of the course's shape, built on the meta device."""
     import torch
 
-    from kolors_lib.files import save_safetensors
-    from kolors_lib.models import kolors_paths, unet_skeleton
-    from kolors_lib.training import inject_lora, lora_metadata
+    from kolors_lib.core.files import save_safetensors
+    from kolors_lib.kolors.models import kolors_paths, unet_skeleton
+    from kolors_lib.train.lora_module import inject_lora
+    from kolors_lib.train.report import lora_metadata
 
     path = cfg.lora_path
     if not path.is_file():
@@ -184,7 +185,7 @@ def _lora_file(cfg) -> Path:  # noqa: ANN001
 
 def case_generate_ours(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
     """render_storyboard: 8 panels through the device plan (ChatGLM first, then UNet + VAE)."""
-    from kolors_lib.generation import render_storyboard
+    from kolors_lib.storyboard.storyboard import render_storyboard
 
     lora = _lora_file(cfg)
     start = time.perf_counter()
@@ -197,7 +198,7 @@ def case_generate_stock(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
     import torch
     from diffsynth import SDXLImagePipeline
 
-    from kolors_lib.story import load_story, render_settings, with_trigger
+    from kolors_lib.kolors.story import load_story, render_settings, with_trigger
 
     story = load_story(cfg.generate.story)
     settings = render_settings(cfg, story)
@@ -238,8 +239,8 @@ def case_cpu_1024(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
     """
     import torch
 
-    from kolors_lib.plan import device_plan
-    from kolors_lib.training import KolorsLoraModule, add_time_ids
+    from kolors_lib.core.device_plan import device_plan
+    from kolors_lib.train.lora_module import KolorsLoraModule, add_time_ids
 
     plan = device_plan(cfg)
     module = KolorsLoraModule.from_config(cfg, plan)
@@ -267,7 +268,7 @@ def case_cpu_1024(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
 
 def run_case(args: argparse.Namespace) -> None:
     """Child process: run one case, print one JSON line."""
-    from kolors_lib.compat import patch_torchvision
+    from kolors_lib.core.compat import patch_torchvision
 
     patch_torchvision()
     import torch
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         run_case(args)
         return 0
-    from kolors_lib.fullsize import write_full_kolors
+    from kolors_lib.offline_models.fullsize import write_full_kolors
 
     if not (args.models / "Kolors" / "model_index.json").is_file():  # any Kolors folder may be measured
         write_full_kolors(args.models)

@@ -39,10 +39,11 @@ class Stats:
 
 
 def sources(rev: str | None) -> dict[str, str]:
-    """Module name -> source text of kolors_lib at a git revision, or in the working tree (None)."""
+    """Module path inside the package (core/errors.py) -> source, at a git revision or in the working tree (None)."""
     if rev is None:
-        return {p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / PACKAGE).glob("*.py"))}
-    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{PACKAGE}"], cwd=ROOT,
+        return {p.relative_to(ROOT / PACKAGE).as_posix(): p.read_text(encoding="utf-8")
+                for p in sorted((ROOT / PACKAGE).rglob("*.py"))}
+    names = subprocess.run(["git", "ls-tree", "-r", "--name-only", f"{rev}:{PACKAGE}"], cwd=ROOT,
                            check=True, capture_output=True, text=True).stdout.split()
     return {n: subprocess.run(["git", "show", f"{rev}:{PACKAGE}/{n}"], cwd=ROOT, check=True,
                               capture_output=True, text=True).stdout

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     import papermill
     import yaml
 
-    from kolors_lib.fullsize import write_full_kolors
+    from kolors_lib.offline_models.fullsize import write_full_kolors
 
     start = time.monotonic()
     write_full_kolors(args.models)

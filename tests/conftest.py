@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from kolors_lib.config import Config, load_config  # noqa: E402
+from kolors_lib.core.config import Config, load_config  # noqa: E402
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def tiny_cfg(tmp_path: Path) -> Config:
 @pytest.fixture(scope="session")
 def tiny_unet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding only the tiny Kolors UNet (`Kolors/unet/`), written once per test session."""
-    from kolors_lib.tiny import write_tiny_unet
+    from kolors_lib.offline_models.tiny import write_tiny_unet
 
     root = tmp_path_factory.mktemp("tiny-unet")
     write_tiny_unet(root / "Kolors/unet", seed=0)  # the UNet write_tiny_kolors(root, seed=0) writes
@@ -33,8 +33,8 @@ def tiny_unet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_step02_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny aesthetic predictor and captioning VLM write_tiny_kolors writes, written once per session."""
-    from kolors_lib.tiny import write_tiny_aesthetic
-    from kolors_lib.tiny_vlm import write_tiny_vlm
+    from kolors_lib.offline_models.tiny import write_tiny_aesthetic
+    from kolors_lib.offline_models.tiny_vlm import write_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny-step02")
     write_tiny_aesthetic(root / "aesthetics-predictor", seed=42 + 4)

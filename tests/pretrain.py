@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from kolors_lib.config import Config
-from kolors_lib.encode_cache import build_cache, load_latents, load_text
-from kolors_lib.lora_module import add_time_ids, make_scheduler
-from kolors_lib.models import kolors_paths
-from kolors_lib.settings import ModelSource
+from kolors_lib.core.config import Config
+from kolors_lib.core.settings import ModelSource
+from kolors_lib.kolors.models import kolors_paths
+from kolors_lib.train.cache import build_cache, load_latents, load_text
+from kolors_lib.train.lora_module import add_time_ids, make_scheduler
 from tests.train_sets import write_train_set
 
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "purple", "orange"]

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 from test_model_ops import write_raw
 
-from kolors_lib.captioning import OP_NAME, KolorsCaptionMapper, load_captioner
-from kolors_lib.config import Config, load_config
-from kolors_lib.filtering import filter_dataset
-from kolors_lib.models import ModelUnavailableError
-from kolors_lib.tiny_vlm import SPECIAL_TOKENS, write_tiny_vlm
+from kolors_lib.clean.captioning import OP_NAME, KolorsCaptionMapper, load_captioner
+from kolors_lib.clean.pipeline import filter_dataset
+from kolors_lib.core.config import Config, load_config
+from kolors_lib.core.errors import ModelUnavailableError
+from kolors_lib.offline_models.tiny_vlm import SPECIAL_TOKENS, write_tiny_vlm
 
 PLACEHOLDER = "二次元"
 # image index -> caption in metadata.jsonl: two without one (empty, step 01's placeholder), two with
@@ -84,7 +84,7 @@ def test_source_files_are_never_modified(filled: dict[str, Any]) -> None:
 
 
 def test_images_table_and_grid(filled: dict[str, Any]) -> None:
-    from kolors_lib.model_ops import show_captions
+    from kolors_lib.clean.model_ops import show_captions
 
     table = filled["result"].images_table()
     assert list(table.columns) == ["id", "image", "status", "op", "aesthetic", "caption", "caption_source"]

@@ -55,7 +55,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
 
 
 def test_recipe_goes_with_recipe_not_config(tmp_path: Path) -> None:
-    from kolors_lib.cli import parse_args
+    from kolors_lib.cli.main import parse_args
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("process:\n  - image_shape_filter:\n      min_width: 512\n", encoding="utf-8")
@@ -87,7 +87,7 @@ def test_a_python_without_the_packages_gets_one_line_pointing_at_the_venv(tmp_pa
 
 HEAVY = ("torch", "diffsynth", "lightning", "data_juicer", "transformers")
 # the CLI run in a child that reports which heavy packages were imported once the command ended
-_PROBE = ("import sys\nfrom kolors_lib.cli import main\ncode = main(sys.argv[1:])\n"
+_PROBE = ("import sys\nfrom kolors_lib.cli.main import main\ncode = main(sys.argv[1:])\n"
           f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\nsys.exit(code)")
 
 
@@ -109,9 +109,9 @@ def test_missing_inputs_are_reported_at_once_without_heavy_imports(tmp_path: Pat
     seconds = time.monotonic() - start
     assert out.returncode == 2 and says in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert "HEAVY []" in out.stdout, f"imported before saying what is missing: {out.stdout}"
-    # the bound: 5 s, or 3x a bare `import kolors_lib.cli` when the shared machine is loaded
+    # the bound: 5 s, or 3x a bare `import kolors_lib.cli.main` when the shared machine is loaded
     start = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import kolors_lib.cli"], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", "import kolors_lib.cli.main"], check=True, timeout=120)
     bound = max(5.0, 3 * (time.monotonic() - start))
     assert seconds < bound, f"{command[0]} took {seconds:.1f} s to say what is missing (bound {bound:.1f} s)"
 
@@ -128,7 +128,7 @@ def test_tiny_kolors_and_export_lora_take_the_common_options(tmp_path: Path) -> 
     assert missing.returncode == 2 and "train it first with step 03" in missing.stderr
     import torch
 
-    from kolors_lib.export import detect_format, load_lora, save_lora
+    from kolors_lib.kolors.lora import detect_format, load_lora, save_lora
 
     unet = "blocks.7.transformer_blocks.0.attn1.to_q"
     state = {f"{unet}.lora_A.default.weight": torch.ones(4, 32), f"{unet}.lora_B.default.weight": torch.ones(32, 4)}

@@ -26,8 +26,8 @@ def test_no_function_is_over_60_lines(stats) -> None:
 
 
 def test_every_course_error_has_one_root(stats) -> None:
-    assert stats.exception_roots == ["errors.py:CourseError"]
+    assert stats.exception_roots == ["core/errors.py:CourseError"]
 
 
 def test_temp_file_then_replace_is_written_once(stats) -> None:
-    assert stats.atomic_writers == ["files.py:atomic_path"]
+    assert stats.atomic_writers == ["core/files.py:atomic_path"]

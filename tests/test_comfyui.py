@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_lib.comfyui import NODE_SPECS, WorkflowError, build_workflow, validate_workflow, write_workflow
-from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import load_config
-from kolors_lib.export import export_lora, merge_lora, module_map, save_lora
-from kolors_lib.generation import load_story, render_settings
+from kolors_lib.core.compat import patch_torchvision
+from kolors_lib.core.config import load_config
+from kolors_lib.core.errors import WorkflowError
+from kolors_lib.kolors.lora import export_lora, merge_lora, module_map, save_lora
+from kolors_lib.kolors.story import load_story, render_settings
+from kolors_lib.publishing.comfyui import NODE_SPECS, build_workflow, validate_workflow, write_workflow
 
 patch_torchvision()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -225,7 +226,7 @@ def node_mod() -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def diffsynth_unet(tiny_unet_root: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    from kolors_lib.models import load_model_manager
+    from kolors_lib.kolors.models import load_model_manager
 
     manager = load_model_manager([tiny_unet_root / "Kolors/unet/diffusion_pytorch_model.fp16.safetensors"])
     unet = manager.fetch_model("sdxl_unet").eval()
@@ -264,8 +265,8 @@ def lora_files(diffsynth_unet: tuple, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def reference(diffsynth_unet: tuple, lora_files: dict, unet_inputs: tuple) -> dict[float, torch.Tensor]:
-    """DiffSynth's UNet output with the LoRA merged by kolors_lib.export.merge_lora, per strength."""
-    from kolors_lib.export import load_lora
+    """DiffSynth's UNet output with the LoRA merged by kolors_lib.kolors.lora.merge_lora, per strength."""
+    from kolors_lib.kolors.lora import load_lora
 
     unet, weights = diffsynth_unet
     state, meta = load_lora(lora_files["diffsynth"])

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from kolors_lib import config as config_mod
-from kolors_lib.config import DEFAULT_CONFIG, ConfigError, load_config
+from kolors_lib.core import config as config_mod
+from kolors_lib.core.config import DEFAULT_CONFIG, load_config
+from kolors_lib.core.errors import ConfigError
+from kolors_lib.core.settings import ModelsConfig, ModelSource
 
 
 def test_tiny_profile_puts_everything_under_the_workdir(tmp_path: Path) -> None:
@@ -102,7 +104,7 @@ def test_override_errors_name_the_override_not_the_file(tmp_path: Path) -> None:
 
 
 def test_apply_overrides_uses_the_same_route(tmp_path: Path) -> None:
-    from kolors_lib.config import apply_overrides
+    from kolors_lib.core.config import apply_overrides
 
     cfg = load_config(profile="tiny", workdir=tmp_path)
     changed = apply_overrides(cfg, {"train.steps": 3, "lora": {"alpha": 2.0}, "seed": None})
@@ -123,7 +125,7 @@ def test_every_setting_has_its_default_in_default_yaml() -> None:
     assert missing == []
 
 
-SETTINGS_CLASSES = (config_mod.Config, config_mod.ModelsConfig, config_mod.ModelSource,
+SETTINGS_CLASSES = (config_mod.Config, ModelsConfig, ModelSource,
                     *(cls for cls in config_mod._SECTIONS.values()))
 
 
@@ -146,9 +148,9 @@ def test_default_yaml_names_every_top_level_setting_and_model() -> None:
     top = [f.name for f in dataclasses.fields(config_mod.Config)
            if f.name not in loader_set | set(config_mod._SECTIONS)]
     assert [name for name in top if name not in raw] == []
-    models = [f.name for f in dataclasses.fields(config_mod.ModelsConfig)]
+    models = [f.name for f in dataclasses.fields(ModelsConfig)]
     assert [name for name in models if name not in raw["models"]] == []
-    source_keys = {f.name for f in dataclasses.fields(config_mod.ModelSource)}
+    source_keys = {f.name for f in dataclasses.fields(ModelSource)}
     assert {k: set(v) for k, v in raw["models"].items() if k != "cache_dir" and set(v) != source_keys} == {}
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from kolors_lib import load_config
-from kolors_lib.console import logged_step, progress, step_log
+from kolors_lib.core.console import logged_step, progress, step_log
 
 
 @pytest.fixture
@@ -102,12 +102,12 @@ def test_saved_notebook_shows_finished_bars(tmp_path: Path) -> None:
 
     src, out = tmp_path / "bars.ipynb", tmp_path / "bars.out.ipynb"
     src.write_text(json.dumps(_notebook([
-        "from kolors_lib.console import progress\nfor _ in progress(range(7), desc='LoRA steps'):\n    pass",
+        "from kolors_lib.core.console import progress\nfor _ in progress(range(7), desc='LoRA steps'):\n    pass",
         "for _ in progress(range(5), desc='copy', leave=False):\n    pass",
         "bar = progress(total=4, desc='manual')\nbar.update(4)\nbar.close()",
         # a library's own bar inside a step (transformers' "Loading checkpoint shards") is not shown
         "from types import SimpleNamespace\nfrom pathlib import Path\nfrom tqdm.auto import tqdm\n"
-        "from kolors_lib.console import step_log\n"
+        "from kolors_lib.core.console import step_log\n"
         "with step_log(SimpleNamespace(logs_dir=Path('logs')), '03_train'):\n"
         "    for _ in tqdm(range(3), desc='Loading checkpoint shards'):\n        pass\n"
         "    for _ in progress(range(2), desc='LoRA steps'):\n        pass",
@@ -125,15 +125,15 @@ def test_saved_notebook_shows_finished_bars(tmp_path: Path) -> None:
 SAME_KERNEL = """
 import logging
 from kolors_lib import load_config
-from kolors_lib.data import import_dataset
-from kolors_lib.filtering import filter_dataset
+from kolors_lib.data.importer import import_dataset
+from kolors_lib.clean.pipeline import filter_dataset
 
 cfg = load_config(profile="tiny", workdir={workdir!r})
 import_dataset(cfg)
 filter_dataset(cfg)  # Data-Juicer imports its ops, some of which call logging.basicConfig(level=INFO)
 print("root handlers after step 02:", len(logging.getLogger().handlers))
 print("---- step 03")
-from kolors_lib.training import train_lora  # Lightning imported after Data-Juicer, as in one notebook kernel
+from kolors_lib.train.training import train_lora  # Lightning imported after Data-Juicer, as in one notebook kernel
 
 train_lora(cfg, steps=2)
 """

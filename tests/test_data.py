@@ -15,17 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from kolors_lib.config import Config, load_config
-from kolors_lib.data import (
-    DataError,
-    ImportResult,
-    hub_reachable,
-    import_dataset,
-    read_metadata,
-    show_images,
-)
-from kolors_lib.samples import MARK_RED, SAMPLE_EXPECTED, make_sample_images, phash
-from kolors_lib.sources import decode_caption
+from kolors_lib.core.config import Config, load_config
+from kolors_lib.core.errors import DataError
+from kolors_lib.core.hub import hub_reachable
+from kolors_lib.core.images import image_grid
+from kolors_lib.data.importer import ImportResult, import_dataset, read_metadata
+from kolors_lib.data.samples import MARK_RED, SAMPLE_EXPECTED, make_sample_images, phash
+from kolors_lib.data.sources import decode_caption
 
 Run = tuple[Config, ImportResult]
 Rows = dict[str, dict]
@@ -505,10 +501,10 @@ def test_read_metadata_errors_name_the_line(tmp_path: Path) -> None:
         read_metadata(tmp_path / "nothing")
 
 
-def test_show_images(tmp_path: Path) -> None:
+def test_image_grid_of_files(tmp_path: Path) -> None:
     paths = [_png(tmp_path / f"{i}.png", (300, 200), (i * 40, 100, 200)) for i in range(5)]
     paths.append(tmp_path / "missing.png")
-    fig = show_images(paths, titles=[f"t{i}" for i in range(6)], cols=4, thumb=80)
+    fig = image_grid(paths, captions=[f"t{i}" for i in range(6)], cols=4, thumb=80)
     axes = fig.get_axes()
     assert len(axes) == 8  # 2 rows of 4
     assert [ax.get_title() for ax in axes[:6]] == [f"t{i}" for i in range(6)]
@@ -517,11 +513,11 @@ def test_show_images(tmp_path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     assert buf.getvalue().startswith(b"\x89PNG")
-    assert show_images([]).texts[0].get_text() == "no images"
+    assert image_grid([]).texts[0].get_text() == "no images"
 
 
 def test_modelscope_rows_imported(tiny_cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kolors_lib.data as data
+    import kolors_lib.data.importer as data
 
     encoded = io.BytesIO()
     Image.new("RGB", (40, 30), (1, 2, 3)).save(encoded, format="PNG")

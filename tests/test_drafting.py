@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kolors_lib.cli import main
-from kolors_lib.drafting import framing_for, parse_answer, template_prompt
-from kolors_lib.generation import load_story
+from kolors_lib.cli.main import main
+from kolors_lib.kolors.story import load_story
+from kolors_lib.storyboard.drafting import framing_for, parse_answer, template_prompt
 
 KEY = "ms-secret-7f3a9c"  # a fake key: it must never appear in output or files
 ENV = "TEST_CHAT_KEY"

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_lib.compat import patch_torchvision
-from kolors_lib.export import (
+from kolors_lib.core.compat import patch_torchvision
+from kolors_lib.core.errors import LoraFormatError, LoraMismatchError
+from kolors_lib.kolors.lora import (
     FORMATS,
-    LoraFormatError,
-    LoraMismatchError,
     convert_lora,
     detect_format,
     diffsynth_lora_alpha,
@@ -27,7 +26,7 @@ from kolors_lib.export import (
     parse_lora,
     save_lora,
 )
-from kolors_lib.models import load_model_manager
+from kolors_lib.kolors.models import load_model_manager
 
 patch_torchvision()
 
@@ -305,7 +304,7 @@ def test_every_target_set_round_trips_and_loads_in_diffusers(
         tiny_unet_root: Path) -> None:
     from diffusers import KolorsPipeline, UNet2DConditionModel
 
-    from kolors_lib.config import TARGET_PRESETS
+    from kolors_lib.core.settings import TARGET_PRESETS
 
     targets = TARGET_PRESETS[preset]
     model = _random_lora(base_unet, targets, seed=2)

@@ -1,4 +1,4 @@
-"""kolors_lib.files: atomic writes keep normal permissions and leave nothing behind on error."""
+"""kolors_lib.core.files: atomic writes keep normal permissions and leave nothing behind on error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kolors_lib.files import (
+from kolors_lib.core.files import (
     move_aside,
     save_safetensors,
     save_torch,
@@ -87,7 +87,7 @@ def test_safetensors_bytes_are_the_same_for_the_same_input(tmp_path: Path) -> No
     import torch
     from safetensors.torch import load_file, safe_open
 
-    from kolors_lib.files import save_safetensors, sha256_file
+    from kolors_lib.core.files import save_safetensors, sha256_file
 
     tensors = {"b.lora_B": torch.arange(6, dtype=torch.float32).reshape(2, 3),
                "a.lora_A": torch.ones(3, 2, dtype=torch.bfloat16), "scalar": torch.tensor(2.0)}

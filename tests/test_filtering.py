@@ -15,17 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_lib.attribution import Attribution
-from kolors_lib.config import Config, load_config
-from kolors_lib.filtering import (
-    FilterError,
-    build_caption,
-    filter_dataset,
-    load_recipe,
-    read_raw,
-    show_removed,
-)
-from kolors_lib.models import ensure_tiny_models
+from kolors_lib.clean.attribution import Attribution
+from kolors_lib.clean.pipeline import build_caption, filter_dataset, load_recipe, read_raw, show_removed
+from kolors_lib.core.config import Config, load_config
+from kolors_lib.core.errors import FilterError
+from kolors_lib.kolors.models import ensure_tiny_models
 
 TRIGGER = "kolorsstyle"
 
@@ -371,7 +365,7 @@ def test_processes_forked_for_data_juicer_run_torch_on_one_thread() -> None:
 
     import torch
 
-    from kolors_lib.dj_runtime import single_threaded_forks
+    from kolors_lib.clean.dj_runtime import single_threaded_forks
 
     torch.set_num_threads(2)
     torch.ones(64, 64) @ torch.ones(64, 64)  # the parent's thread pool is up, as after a model op ran

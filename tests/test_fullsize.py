@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kolors_lib.fullsize import random_tensor, stream_safetensors, write_full_vae
+from kolors_lib.offline_models.fullsize import random_tensor, stream_safetensors, write_full_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_streamed_safetensors_read_back_exactly(tmp_path: Path) -> None:
 
 
 def test_full_vae_is_recognised_by_diffsynth_as_the_real_sdxl_vae(tmp_path: Path) -> None:
-    from kolors_lib.models import load_model_manager
+    from kolors_lib.kolors.models import load_model_manager
 
     write_full_vae(tmp_path / "vae", seed=0)
     assert json.loads((tmp_path / "vae/config.json").read_text())["block_out_channels"] == [128, 256, 512, 512]

@@ -15,13 +15,18 @@ import torch
 import yaml
 from PIL import Image
 
-from kolors_lib import generation as G
-from kolors_lib.cli import main as cli_main
-from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import CONFIG_DIR, load_config
-from kolors_lib.export import LoraMismatchError, load_lora, merge_lora, save_lora
-from kolors_lib.models import KolorsPaths, load_model_manager
-from kolors_lib.tiny import write_tiny_kolors
+from kolors_lib.cli.main import main as cli_main
+from kolors_lib.core.compat import patch_torchvision
+from kolors_lib.core.config import CONFIG_DIR, load_config
+from kolors_lib.core.errors import LoraMismatchError, LoraNotFoundError, StoryError
+from kolors_lib.core.files import sha256_file
+from kolors_lib.core.images import find_cjk_font
+from kolors_lib.kolors.lora import load_lora, merge_lora, save_lora
+from kolors_lib.kolors.models import KolorsPaths, load_model_manager
+from kolors_lib.kolors.renderer import KolorsRenderer, LoraMerger, read_lora
+from kolors_lib.kolors.story import load_story, with_trigger
+from kolors_lib.offline_models.tiny import write_tiny_kolors
+from kolors_lib.storyboard import storyboard as G
 
 patch_torchvision()
 
@@ -69,7 +74,7 @@ def write_story(path: Path, change=None) -> Path:
     data = yaml.safe_load((CONFIG_DIR / "story.yaml").read_text(encoding="utf-8"))
     data = {k: v for k, v in data.items() if k not in ("style", "characters")}
     data["scenes"] = [{"scene": s.scene, "prompt": s.prompt, "seed": s.seed}
-                      for s in G.load_story(CONFIG_DIR / "story.yaml").scenes]
+                      for s in load_story(CONFIG_DIR / "story.yaml").scenes]
     if change:
         change(data)
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
@@ -87,7 +92,7 @@ def pixels(image) -> np.ndarray:
 
 
 def test_the_course_story_file_is_valid() -> None:
-    story = G.load_story(CONFIG_DIR / "story.yaml")
+    story = load_story(CONFIG_DIR / "story.yaml")
     assert len(story.scenes) == 8 and [s.seed for s in story.scenes] == list(range(1, 9))
     assert (story.steps, story.width, story.height, story.cfg_scale) == (50, 1024, 1024, 4.0)
     assert story.scenes[0].scene == "女主正在上课" and story.negative.startswith("现代风格")
@@ -113,7 +118,7 @@ def test_bad_stories_fail_before_any_model_loads(case: str, tmp_path: Path, kolo
     monkeypatch.setattr(G, "read_lora", lambda *a, **k: loads.append(a) or pytest.fail("LoRA read"))
     cfg = make_cfg(tmp_path / "w", kolors_root)
     start = time.monotonic()
-    with pytest.raises(G.StoryError, match=message) as err:
+    with pytest.raises(StoryError, match=message) as err:
         G.render_storyboard(cfg, story)
     assert time.monotonic() - start < 2 and not loads
     assert str(story) in str(err.value)
@@ -125,24 +130,24 @@ def test_story_errors_list_every_problem(tmp_path: Path) -> None:
         d["scenes"][0]["prompt"] = ""
         d["width"] = 1000
 
-    with pytest.raises(G.StoryError, match=r"width must be.*scene 1: prompt is empty"):
-        G.load_story(write_story(tmp_path / "s.yaml", change))
+    with pytest.raises(StoryError, match=r"width must be.*scene 1: prompt is empty"):
+        load_story(write_story(tmp_path / "s.yaml", change))
     (tmp_path / "broken.yaml").write_text("scenes: [a, b\n", encoding="utf-8")
-    with pytest.raises(G.StoryError, match="broken.yaml: not valid YAML"):
-        G.load_story(tmp_path / "broken.yaml")
-    with pytest.raises(G.StoryError, match="not found"):
-        G.load_story(tmp_path / "none.yaml")
+    with pytest.raises(StoryError, match="broken.yaml: not valid YAML"):
+        load_story(tmp_path / "broken.yaml")
+    with pytest.raises(StoryError, match="not found"):
+        load_story(tmp_path / "none.yaml")
 
 
 def test_trigger_word_is_prepended_once() -> None:
-    assert G.with_trigger("古风，水墨画", "kstory") == "kstory, 古风，水墨画"
-    assert G.with_trigger("kstory, 古风", "kstory") == "kstory, 古风"
-    assert G.with_trigger("古风", "") == "古风"
+    assert with_trigger("古风，水墨画", "kstory") == "kstory, 古风，水墨画"
+    assert with_trigger("kstory, 古风", "kstory") == "kstory, 古风"
+    assert with_trigger("古风", "") == "古风"
 
 
 def test_captions_never_draw_tofu() -> None:
-    story = G.load_story(CONFIG_DIR / "story.yaml")
-    font = G.find_cjk_font("".join(s.scene for s in story.scenes))
+    story = load_story(CONFIG_DIR / "story.yaml")
+    font = find_cjk_font("".join(s.scene for s in story.scenes))
     captions = G.panel_captions(story.scenes, font)
     if font is None:  # no CJK font installed: ASCII captions
         assert captions[0] == "01 · seed 1" and all(c.replace("·", "").isascii() for c in captions)
@@ -160,7 +165,7 @@ def test_captions_never_draw_tofu() -> None:
 
 def test_missing_lora_says_to_run_step_03(tmp_path: Path, kolors_root: Path, capsys) -> None:
     cfg = make_cfg(tmp_path / "w", kolors_root)
-    with pytest.raises(G.LoraNotFoundError, match=r"python -m kolors_lib train"):
+    with pytest.raises(LoraNotFoundError, match=r"python -m kolors_lib train"):
         G.render_storyboard(cfg)
     code = cli_main(["storyboard", "--profile", "tiny", "--workdir", str(tmp_path / "w")])
     err = capsys.readouterr().err
@@ -174,8 +179,8 @@ def test_a_lora_that_does_not_fit_fails_before_encoding(tmp_path: Path, kolors_r
     state[bad] = torch.zeros(RANK, state[bad].shape[1] + 3)
     path = save_lora(state, tmp_path / "bad.safetensors", {"rank": RANK, "alpha": ALPHA})
     encoded, loaded = [], []
-    monkeypatch.setattr(G.KolorsRenderer, "encode", lambda *a, **k: encoded.append(a))
-    import kolors_lib.models as models
+    monkeypatch.setattr(KolorsRenderer, "encode", lambda *a, **k: encoded.append(a))
+    import kolors_lib.kolors.models as models
 
     real_load = models.load_model_manager
     monkeypatch.setattr(models, "load_model_manager", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
@@ -189,10 +194,10 @@ def test_a_lora_that_does_not_fit_fails_before_encoding(tmp_path: Path, kolors_r
 
 
 def test_a_story_of_other_than_8_scenes_loads_with_a_notice(tmp_path: Path, capsys) -> None:
-    story = G.load_story(write_story(tmp_path / "three.yaml", lambda d: d.update(scenes=d["scenes"][:3])))
+    story = load_story(write_story(tmp_path / "three.yaml", lambda d: d.update(scenes=d["scenes"][:3])))
     assert len(story.scenes) == 3
     assert "has 3 scene(s); the challenge's storyboard has 8" in capsys.readouterr().out
-    G.load_story(write_story(tmp_path / "eight.yaml"))
+    load_story(write_story(tmp_path / "eight.yaml"))
     assert "NOTICE" not in capsys.readouterr().out
 
 
@@ -204,14 +209,14 @@ def test_lora_merger_set_again_equals_a_fresh_merge(kolors_root: Path, lora_file
     def unet():
         return load_model_manager([KolorsPaths.from_root(kolors_root).unet]).fetch_model("sdxl_unet")
 
-    lora = G.read_lora(lora_file)
+    lora = read_lora(lora_file)
     swept = unet()
     base = {k: v.clone() for k, v in swept.state_dict().items()}
-    merger = G.LoraMerger(swept, lora, keep_base=keep_base)
+    merger = LoraMerger(swept, lora, keep_base=keep_base)
     for strength in (0.5, 1.0, 0.0):
         merger.set(strength)
         fresh = unet()
-        G.LoraMerger(fresh, lora).set(strength)
+        LoraMerger(fresh, lora).set(strength)
         for key, weight in fresh.state_dict().items():
             if keep_base:
                 assert torch.equal(swept.state_dict()[key], weight), (strength, key)
@@ -273,7 +278,7 @@ def test_storyboard_files_and_manifest(board) -> None:
     assert not {"beta_end", "beta_schedule", "set_by"} & set(data["scheduler"])
     lora = data["lora"]
     assert (lora["strength"], lora["rank"], lora["alpha"], lora["effective_scale"]) == (1.0, RANK, ALPHA, 1.0)
-    assert lora["sha256"] == G.sha256_file(lora["file"])
+    assert lora["sha256"] == sha256_file(lora["file"])
     assert data["base_model"]["folder"].endswith("Kolors") and data["versions"]["diffsynth"] == "1.1.9"
     assert data["dtype"] == "float32" and data["device"] == "cpu"
 
@@ -289,38 +294,38 @@ def test_all_prompts_are_encoded_before_denoising_and_chatglm_is_freed(board) ->
 
 
 def test_phases_never_hold_chatglm_and_the_unet_together(kolors_root: Path) -> None:
-    renderer = G.KolorsRenderer(kolors_root, "cpu", offload_text_encoder=True)
+    renderer = KolorsRenderer(kolors_root, "cpu", offload_text_encoder=True)
     assert renderer.pipe.text_encoder_kolors is None and renderer.pipe.unet is None  # ChatGLM loads on need
     renderer.encode(["kstory, 山水"], [""])
     assert renderer.encoded == 2
     assert renderer.text_encoder_released and renderer.pipe.text_encoder_kolors is None
     assert renderer.unet is not None and renderer.pipe.vae_decoder is not None  # phase 2 loads now
-    resident = G.KolorsRenderer(kolors_root, "cpu", offload_text_encoder=False)
+    resident = KolorsRenderer(kolors_root, "cpu", offload_text_encoder=False)
     assert resident.pipe.text_encoder_kolors is not None and resident.pipe.unet is not None
 
 
 def test_prompt_cache_answers_a_rerun_without_loading_chatglm(kolors_root: Path, tmp_path: Path) -> None:
     """A re-render (new strength, best-of-N, sweep) reads the prompts' encodings from disk: no ChatGLM load,
     the same tensors bit for bit; another ChatGLM (a changed file) misses the cache."""
-    first = G.KolorsRenderer(kolors_root, "cpu", prompt_cache=tmp_path / "prompts")
+    first = KolorsRenderer(kolors_root, "cpu", prompt_cache=tmp_path / "prompts")
     first.encode(["kstory, 山水", "kstory, 雨"], [""])
     assert (first.encoded, first.from_cache) == (3, 0)
     assert len(list((tmp_path / "prompts").glob("*.safetensors"))) == 3
-    again = G.KolorsRenderer(kolors_root, "cpu", prompt_cache=tmp_path / "prompts")
+    again = KolorsRenderer(kolors_root, "cpu", prompt_cache=tmp_path / "prompts")
     again.encode(["kstory, 雨", "kstory, 山水"], [""])
     assert (again.encoded, again.from_cache) == (0, 3)
     assert str(kolors_root / "text_encoder") not in again.load_log and again.pipe.text_encoder_kolors is None
     assert str(kolors_root / "text_encoder") in first.load_log  # (the check can see a load)
     for key, tensors in first.cache.items():
         assert all(torch.equal(tensors[k], again.cache[key][k]) for k in tensors)
-    one_new = G.KolorsRenderer(kolors_root, "cpu", prompt_cache=tmp_path / "prompts")
+    one_new = KolorsRenderer(kolors_root, "cpu", prompt_cache=tmp_path / "prompts")
     one_new.encode(["kstory, 山水", "kstory, 雪"], [""])
     assert (one_new.encoded, one_new.from_cache) == (1, 2)
     other = tmp_path / "other-kolors"
     shutil.copytree(kolors_root, other)
     config = other / "text_encoder" / "config.json"
     config.write_text(config.read_text(encoding="utf-8") + " ", encoding="utf-8")
-    changed = G.KolorsRenderer(other, "cpu", prompt_cache=tmp_path / "prompts")
+    changed = KolorsRenderer(other, "cpu", prompt_cache=tmp_path / "prompts")
     changed.encode(["kstory, 山水"], [""])
     assert (changed.encoded, changed.from_cache) == (2, 0)
 
@@ -358,7 +363,7 @@ def test_manifest_reproduces_a_panel(board, tmp_path: Path) -> None:
     image = G.reproduce(result.manifest, 4, out_path=tmp_path / "again.png")
     assert np.array_equal(pixels(image), pixels(result.panels[4]))
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(result.panels[4]))
-    with pytest.raises(IndexError):
+    with pytest.raises(StoryError):
         G.reproduce(result.manifest, 8)
 
 
@@ -386,7 +391,7 @@ def test_render_one_prompt_at_strengths_and_seeds(board, stock, lora_file: Path)
     assert Image.open(out.grid).size[0] > 2 * SIZE
     data = json.loads((out.folder / "render.json").read_text(encoding="utf-8"))
     assert data["strengths"] == [0.0, 1.0] and data["seeds"] == [1, 2] and data["files"] == [f.name for f in out.files]
-    with pytest.raises(G.StoryError, match="non-empty prompt"):
+    with pytest.raises(StoryError, match="non-empty prompt"):
         G.render(cfg, "  ", lora_path=lora_file)
 
 

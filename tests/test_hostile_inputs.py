@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from kolors_lib.config import Config, load_config
-from kolors_lib.errors import ConfigError
-from kolors_lib.files import sha256_file
-from kolors_lib.filtering import filter_dataset
-from kolors_lib.training import train_lora
+from kolors_lib.clean.pipeline import filter_dataset
+from kolors_lib.core.config import Config, load_config
+from kolors_lib.core.errors import ConfigError
+from kolors_lib.core.files import sha256_file
+from kolors_lib.train.training import train_lora
 from tests import test_training
 from tests.test_filtering import SPECS, configure, make_raw
 from tests.test_training import FAST, _cfg_in
@@ -140,7 +141,7 @@ def test_second_train_in_the_same_work_dir_is_refused_naming_the_first(tmp_path:
     work = tmp_path / "w"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom kolors_lib.lock import step_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom kolors_lib.core.lock import step_lock\n"
          f"with step_lock({str(work)!r}, 'train'):\n    print('ready', flush=True)\n    time.sleep(120)\n",
          "train", "--steps", "8"], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
@@ -155,7 +156,21 @@ def test_second_train_in_the_same_work_dir_is_refused_naming_the_first(tmp_path:
     # the holder was killed: its lock is stale and the next run takes it over (then fails for lack of data)
     proc = _cli("train", "--profile", "tiny", "--workdir", str(work), "--steps", "2")
     assert proc.returncode == 2 and "another train" not in proc.stderr, proc.stderr
-    assert not (work / ".lock-train").exists()
+    assert not (work / ".lock-train.holder.json").exists()  # the run that took it over left no record
+
+
+def test_a_crashed_holders_record_naming_a_live_pid_does_not_block(tmp_path: Path) -> None:
+    """After a crash the record may name a PID that the OS has since given to another process: the lock is
+    the kernel's, so only a process that really holds it blocks the step."""
+    from kolors_lib.core.lock import holder_path, lock_path, step_lock
+
+    work = tmp_path / "w"
+    work.mkdir()
+    record = holder_path(lock_path(work, "train"))
+    record.write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "command": "train (crashed)"}))
+    with step_lock(work, "train"):
+        assert json.loads(record.read_text())["pid"] == os.getpid()  # taken over, and the record says so
+    assert not record.exists()
 
 
 # ---------------------------------------------------------------- 5: full and read-only disks
@@ -224,7 +239,7 @@ def _lora(path: Path, tensors: dict[str, Any] | None = None, **meta: str) -> Pat
 
 
 def _export(capsys: pytest.CaptureFixture[str], src: Path, *extra: str) -> tuple[int, str]:
-    from kolors_lib.cli import main as cli_main
+    from kolors_lib.cli.main import main as cli_main
 
     code = cli_main(["export-lora", str(src), "--format", "kohya", str(src.with_name("out.safetensors")), *extra])
     return code, capsys.readouterr().err.strip()
@@ -278,8 +293,8 @@ def test_malformed_lora_is_one_line_and_writes_nothing(tmp_path: Path, capsys: p
 def test_nan_lora_is_refused_where_step_04_reads_it(tmp_path: Path) -> None:
     import torch
 
-    from kolors_lib.errors import LoraFormatError
-    from kolors_lib.export import read_lora_spec
+    from kolors_lib.core.errors import LoraFormatError
+    from kolors_lib.kolors.lora import read_lora_spec
 
     src = _lora(tmp_path / "nan.safetensors", {f"{MODULE}.lora_A.default.weight": torch.randn(4, 64),
                                                f"{MODULE}.lora_B.default.weight": torch.full((64, 4), float("inf"))})
@@ -291,7 +306,8 @@ def test_nan_lora_is_refused_where_step_04_reads_it(tmp_path: Path) -> None:
 
 def test_nan_strength_is_refused_before_any_model_loads(tiny_cfg: Config,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from kolors_lib.generation import checked_strength, render_storyboard
+    from kolors_lib.kolors.renderer import checked_strength
+    from kolors_lib.storyboard.storyboard import render_storyboard
 
     with pytest.raises(ConfigError, match="strength must be a finite number, not nan"):
         render_storyboard(tiny_cfg, strength=float("nan"))
@@ -301,7 +317,7 @@ def test_nan_strength_is_refused_before_any_model_loads(tiny_cfg: Config,
 
 
 def test_json_outputs_refuse_nan(tmp_path: Path) -> None:
-    from kolors_lib.files import write_json
+    from kolors_lib.core.files import write_json
 
     with pytest.raises(ValueError, match="not JSON compliant"):
         write_json({"strength": float("nan")}, tmp_path / "manifest.json")
@@ -314,8 +330,8 @@ def test_json_outputs_refuse_nan(tmp_path: Path) -> None:
 def test_metadata_csv_captions_round_trip_as_text_through_pandas(tiny_cfg: Config) -> None:
     import pandas as pd
 
-    from kolors_lib.errors import FilterError
-    from kolors_lib.filtering import RawItem, write_train_dir
+    from kolors_lib.clean.pipeline import RawItem, write_train_dir
+    from kolors_lib.core.errors import FilterError
 
     (tiny_cfg.raw_dir / "images").mkdir(parents=True)
     items = []
@@ -340,7 +356,7 @@ def test_metadata_csv_captions_round_trip_as_text_through_pandas(tiny_cfg: Confi
 @pytest.mark.parametrize("kind", ["story dir", "config dir", "binary config"])
 def test_folder_or_binary_file_as_story_or_config_is_one_line(tmp_path: Path, kind: str,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from kolors_lib.cli import main as cli_main
+    from kolors_lib.cli.main import main as cli_main
 
     binary = tmp_path / "x.yaml"
     binary.write_bytes(bytes(range(256)) * 4)
@@ -358,7 +374,7 @@ def test_folder_or_binary_file_as_story_or_config_is_one_line(tmp_path: Path, ki
 
 
 def test_swap_killed_between_renames_is_recovered_and_leftovers_cleaned(tmp_path: Path) -> None:
-    from kolors_lib.encode_cache import read_metadata
+    from kolors_lib.train.cache import read_samples
 
     train = tmp_path / "data" / "train"
     train.mkdir(parents=True)
@@ -374,7 +390,7 @@ def test_swap_killed_between_renames_is_recovered_and_leftovers_cleaned(tmp_path
     assert not train.exists()
     names = sorted(p.name for p in train.parent.iterdir())
     assert len(names) == 2 and names[0].startswith(".train.old-") and names[1].startswith(".train.tmp-")
-    samples = read_metadata(train)  # the next step finds the previous folder again
+    samples = read_samples(train)  # the next step finds the previous folder again
     assert [s.text for s in samples] == ["a cat"]
     assert sorted(p.name for p in train.parent.iterdir()) == ["train"]
 
@@ -385,7 +401,7 @@ def test_swap_killed_between_renames_is_recovered_and_leftovers_cleaned(tmp_path
 def test_import_orientation_bomb_message_and_permissions(tiny_cfg: Config, tmp_path: Path) -> None:
     from PIL import Image
 
-    from kolors_lib.data import import_dataset
+    from kolors_lib.data.importer import import_dataset
 
     src = tmp_path / "src"
     src.mkdir()
@@ -404,7 +420,7 @@ def test_import_orientation_bomb_message_and_permissions(tiny_cfg: Config, tmp_p
 
 
 def test_long_caption_warns_that_chatglm_reads_only_256_tokens(base_cfg: Config, tmp_path: Path) -> None:
-    from kolors_lib.encode_cache import build_cache
+    from kolors_lib.train.cache import build_cache
 
     cfg = _cfg_in(base_cfg, tmp_path / "w")
     meta = cfg.train_dir / "metadata.csv"
@@ -420,7 +436,7 @@ def test_long_caption_warns_that_chatglm_reads_only_256_tokens(base_cfg: Config,
 
 @pytest.mark.parametrize("key", ["width", "height"])
 def test_generation_size_is_bounded_before_any_model_loads(tiny_cfg: Config, tmp_path: Path, key: str) -> None:
-    from kolors_lib.generation import refine, render_storyboard
+    from kolors_lib.storyboard.storyboard import refine, render_storyboard
 
     with pytest.raises(ConfigError, match=f"generate.{key} must be a multiple of 64 from 64 to 2048.*99968"):
         load_config(profile="tiny", workdir=tmp_path / "w", overrides={f"generate.{key}": 99968})
@@ -429,7 +445,7 @@ def test_generation_size_is_bounded_before_any_model_loads(tiny_cfg: Config, tmp
     story.write_text(f"{key}: 99968\n" + "\n".join(line for line in text.splitlines()
                                                    if not line.startswith(f"{key}:")), encoding="utf-8")
     tiny_cfg.generate.width = tiny_cfg.generate.height = None
-    from kolors_lib.errors import StoryError
+    from kolors_lib.core.errors import StoryError
 
     with pytest.raises(StoryError, match=f"{key} must be a multiple of 64 from 64 to 2048"):
         render_storyboard(tiny_cfg, story)

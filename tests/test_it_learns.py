@@ -12,11 +12,13 @@ import pytest
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from kolors_lib.config import Config, load_config
-from kolors_lib.encode_cache import build_cache
-from kolors_lib.models import kolors_paths
-from kolors_lib.training import KolorsLoraModule, train_lora, training_overrides
-from kolors_lib.validation import ValidationSet
+from kolors_lib.core.config import Config, load_config
+from kolors_lib.core.inputs import training_overrides
+from kolors_lib.kolors.models import kolors_paths
+from kolors_lib.train.cache import build_cache
+from kolors_lib.train.lora_module import KolorsLoraModule
+from kolors_lib.train.training import train_lora
+from kolors_lib.train.validation import ValidationSet
 from tests.pretrain import pretrain_tiny_unet
 from tests.train_sets import write_train_set
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_lib.config import Config
-from kolors_lib.filtering import FilterError, filter_dataset
-from kolors_lib.model_ops import CANONICAL_AESTHETIC, DJ_AESTHETIC_SCALE, prepare_model_ops
-from kolors_lib.scoring import load_predictor
+from kolors_lib.clean.model_ops import CANONICAL_AESTHETIC, DJ_AESTHETIC_SCALE, prepare_model_ops
+from kolors_lib.clean.pipeline import filter_dataset
+from kolors_lib.core.config import Config
+from kolors_lib.core.errors import FilterError
+from kolors_lib.score.scoring import load_predictor
 
 
 def write_raw(raw_dir: Path, n: int, captions: dict[int, str] | None = None, size: int = 1024) -> list[str]:
@@ -82,7 +83,7 @@ class ConnectionCounter:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, tiny_step02_models: dict[str, Path]) -> dict[str, Any]:
     """One run: the predictor in a renamed folder, a threshold between the scores, hubs on a counting port."""
-    from kolors_lib.config import load_config
+    from kolors_lib.core.config import load_config
 
     root = tmp_path_factory.mktemp("model-ops")
     renamed = root / "my-scorer"  # neither "v2", "linear" nor "aesthetics-predictor" in the path
@@ -107,7 +108,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_step02_models: dict[str, 
 
 def test_data_juicer_alone_cannot_use_a_renamed_predictor_folder(run: dict[str, Any]) -> None:
     """The trap the canonical link avoids: Data-Juicer picks the class from the folder's name."""
-    from kolors_lib.compat import patch_torchvision
+    from kolors_lib.core.compat import patch_torchvision
 
     patch_torchvision()
     from data_juicer.utils.model_utils import prepare_simple_aesthetics_model
@@ -165,7 +166,7 @@ def test_recipe_may_not_set_what_the_config_owns(step02_cfg: Config, tmp_path: P
 def test_an_op_that_fails_stops_the_step_naming_the_op(tiny_step02_models: dict[str, Path], tmp_path: Path) -> None:
     """A predictor folder without its tokenizer: Data-Juicer would log the error and drop every image,
     and the report would blame the deduplicator; the step must stop and name the failing op."""
-    from kolors_lib.config import load_config
+    from kolors_lib.core.config import load_config
 
     broken = tmp_path / "predictor"
     shutil.copytree(tiny_step02_models["aesthetic"], broken)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_lib.config import load_config
-from kolors_lib.models import ALLOW_PATTERNS, ModelUnavailableError, kolors_paths, load_model_manager, resolve_model
-from kolors_lib.tiny import write_tiny_kolors
+from kolors_lib.core.config import load_config
+from kolors_lib.core.errors import ModelUnavailableError
+from kolors_lib.kolors.models import ALLOW_PATTERNS, kolors_paths, load_model_manager, resolve_model
+from kolors_lib.offline_models.tiny import write_tiny_kolors
 
 
 def _closed_port() -> int:
@@ -33,7 +34,7 @@ def test_offline_download_fails_fast_naming_model_and_override(tmp_path: Path, m
 
 
 def test_cli_reports_offline_model_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    from kolors_lib.cli import main
+    from kolors_lib.cli.main import main
 
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     assert main(["models", "--profile", "full", "--workdir", str(tmp_path)]) == 2
@@ -105,7 +106,7 @@ def test_tiny_profile_writes_its_models_on_first_use(tiny_cfg) -> None:
 
 
 def test_cli_tiny_kolors_writes_the_layout(tmp_path: Path, capsys) -> None:
-    from kolors_lib.cli import main
+    from kolors_lib.cli.main import main
 
     assert main(["tiny-kolors", str(tmp_path / "m"), "--seed", "3"]) == 0
     assert (tmp_path / "m/Kolors/unet/diffusion_pytorch_model.fp16.safetensors").is_file()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_lib.config import Config, load_config
-from kolors_lib.plan import (
+from kolors_lib.core.config import Config, load_config
+from kolors_lib.core.device_plan import (
     CARDS,
     PARAMS,
     PHASES,
@@ -105,7 +105,7 @@ def test_estimates_scale_with_resolution_and_rank() -> None:
 
 def test_frozen_unet_is_fp16_when_training_is_planned_for_a_cuda_card(tiny_cfg: Config) -> None:
     """The defect: train_lora's module was built for device "cpu", so a GPU run loaded the UNet in fp32."""
-    from kolors_lib.training import KolorsLoraModule
+    from kolors_lib.train.lora_module import KolorsLoraModule
 
     cfg = dataclasses.replace(tiny_cfg, device="cuda", train=dataclasses.replace(tiny_cfg.train,
                                                                                    precision="16-mixed"))
@@ -119,8 +119,8 @@ def test_frozen_unet_is_fp16_when_training_is_planned_for_a_cuda_card(tiny_cfg: 
 
 def test_renderer_encodes_where_the_plan_puts_chatglm(tiny_cfg: Config) -> None:
     """ChatGLM in another dtype than the UNet (as on the CPU beside a GPU): embeddings arrive in the UNet's."""
-    from kolors_lib.generation import KolorsRenderer
-    from kolors_lib.models import kolors_paths
+    from kolors_lib.kolors.models import kolors_paths
+    from kolors_lib.kolors.renderer import KolorsRenderer
 
     root = kolors_paths(tiny_cfg).root
     text = Placement("storyboard-encode", "text_encoder", "cpu", "bfloat16", 0.0)
@@ -134,7 +134,7 @@ def test_renderer_encodes_where_the_plan_puts_chatglm(tiny_cfg: Config) -> None:
 
 
 def test_parameter_counts_are_the_real_models() -> None:
-    from kolors_lib.compat import patch_torchvision
+    from kolors_lib.core.compat import patch_torchvision
 
     patch_torchvision()
     from aesthetics_predictor import AestheticsPredictorV2Linear
@@ -143,9 +143,9 @@ def test_parameter_counts_are_the_real_models() -> None:
     from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
     from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
 
-    from kolors_lib.architecture import CHATGLM_CONFIG, lora_param_count
-    from kolors_lib.fullsize import CLIP_VIT_L14
-    from kolors_lib.plan import LORA_PARAMS_PER_RANK
+    from kolors_lib.core.device_plan import LORA_PARAMS_PER_RANK
+    from kolors_lib.kolors.architecture import CHATGLM_CONFIG, lora_param_count
+    from kolors_lib.offline_models.fullsize import CLIP_VIT_L14
 
     with torch.device("meta"):
         models = {"unet": SDXLUNet(is_kolors=True), "vae_encoder": SDXLVAEEncoder(),
@@ -157,7 +157,7 @@ def test_parameter_counts_are_the_real_models() -> None:
 
 
 def test_tiny_parameter_counts(tiny_cfg: Config) -> None:
-    from kolors_lib.models import kolors_paths, load_model_manager, resolve_model
+    from kolors_lib.kolors.models import kolors_paths, load_model_manager, resolve_model
 
     paths = kolors_paths(tiny_cfg)
     manager = load_model_manager([paths.unet, paths.vae, paths.text_encoder])
@@ -165,7 +165,7 @@ def test_tiny_parameter_counts(tiny_cfg: Config) -> None:
              "kolors_text_encoder": "text_encoder"}
     counts = {names[n]: sum(p.numel() for p in m.parameters()) for n, m in zip(manager.model_name, manager.model,
                                                                                 strict=True)}
-    from kolors_lib.scoring import load_predictor
+    from kolors_lib.score.scoring import load_predictor
 
     model, _ = load_predictor(resolve_model(tiny_cfg, "aesthetic"))
     counts["aesthetic"] = sum(p.numel() for p in model.parameters())
@@ -173,7 +173,7 @@ def test_tiny_parameter_counts(tiny_cfg: Config) -> None:
 
 
 def test_plan_command_prints_the_table_without_torch() -> None:
-    code = ("import sys; from kolors_lib.cli import main;"
+    code = ("import sys; from kolors_lib.cli.main import main;"
             "assert main(['plan', '--profile', 'full', '--gpu-memory', '8']) == 0;"
             "assert 'torch' not in sys.modules, 'plan imported torch'")
     start = time.monotonic()

@@ -14,21 +14,13 @@ import torch
 import yaml
 from PIL import Image
 
-from kolors_lib.cli import main as cli_main
-from kolors_lib.config import Config
-from kolors_lib.export import detect_format, load_lora, save_lora
-from kolors_lib.generation import sha256_file
-from kolors_lib.publish import (
-    EXPORTS,
-    LORA_NAME,
-    NAME_HINT,
-    TOKEN_ENV,
-    PublishError,
-    assemble,
-    plan,
-    publish,
-    validate_repo_id,
-)
+from kolors_lib.cli.main import main as cli_main
+from kolors_lib.core.config import NAME_HINT, Config
+from kolors_lib.core.errors import PublishError
+from kolors_lib.core.files import sha256_file
+from kolors_lib.kolors.lora import detect_format, load_lora, save_lora
+from kolors_lib.publishing.model_card import EXPORTS, LORA_NAME
+from kolors_lib.publishing.publish import TOKEN_ENV, assemble, files_to_upload, publish, validate_repo_id
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer  # noqa: E402
@@ -128,7 +120,7 @@ def test_assemble_builds_the_repo_folder(cfg: Config) -> None:
     sources = {p: sha256_file(p) for d in (cfg.lora_dir, cfg.storyboard_dir, cfg.scores_dir) for p in d.iterdir()}
     folder = assemble(cfg, REPO)
     assert folder == cfg.publish_dir
-    assert [p for p, _ in plan(folder)] == EXPECTED
+    assert [p for p, _ in files_to_upload(folder)] == EXPECTED
     assert {p: sha256_file(p) for p in sources} == sources  # sources untouched
     # no temp folder left; logs/ is step 06's log of the libraries it used
     assert sorted(p.name for p in cfg.workdir.iterdir()) == ["logs", "lora", "publish", "scores", "storyboard"]
@@ -229,7 +221,7 @@ def test_dry_run_is_the_default_and_sends_nothing(cfg: Config, hub: HubServer,
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     result = publish(cfg, REPO)
     assert result.dry_run and hub.requests == [] and hub.repos == {}
-    assert result.files == plan(cfg.publish_dir) and [p for p, _ in result.files] == EXPECTED
+    assert result.files == files_to_upload(cfg.publish_dir) and [p for p, _ in result.files] == EXPECTED
     text = str(result)
     assert "DRY RUN" in text and REPO in text and all(p in text for p in EXPECTED) and TOKEN not in text
 
@@ -381,7 +373,7 @@ def test_card_preview_shows_front_matter_as_yaml_and_embeds_the_images(cfg: Conf
     import base64
     import io
 
-    from kolors_lib.preview import card_markdown
+    from kolors_lib.publishing.preview import card_markdown
 
     folder = assemble(cfg, REPO)
     card = (folder / "README.md").read_text(encoding="utf-8")

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_lib.cli import main as cli_main
-from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import Config, load_config
-from kolors_lib.models import resolve_model
-from kolors_lib.scoring import ScoreError, ScoreResult, is_panel, score_folder
+from kolors_lib.cli.main import main as cli_main
+from kolors_lib.core.compat import patch_torchvision
+from kolors_lib.core.config import Config, load_config
+from kolors_lib.core.errors import ScoreError
+from kolors_lib.kolors.models import resolve_model
+from kolors_lib.score.scoring import ScoreResult, is_panel, score_folder
 
 patch_torchvision()
 
@@ -59,7 +60,7 @@ def _storyboard(folder: Path, n: int = 4, outlier: int | None = None, grid: bool
 
 
 def _direct_scores(model_dir: Path, paths: list[Path]) -> dict[str, tuple[float, torch.Tensor]]:
-    """The challenge's recipe, one image at a time, written independently of kolors_lib.scoring."""
+    """The challenge's recipe, one image at a time, written independently of kolors_lib.score.scoring."""
     from aesthetics_predictor import AestheticsPredictorV2Linear
     from transformers import CLIPImageProcessor
 

@@ -13,15 +13,17 @@ import torch
 import yaml
 from PIL import Image
 
-from kolors_lib import cli
-from kolors_lib import generation as G
-from kolors_lib.compat import patch_torchvision
-from kolors_lib.config import ConfigError, load_config
-from kolors_lib.export import save_lora
-from kolors_lib.models import KolorsPaths, load_model_manager
-from kolors_lib.scoring import score_folder
-from kolors_lib.selection import candidate_grid, candidate_seeds, draft_plan
-from kolors_lib.tiny import write_tiny_kolors
+from kolors_lib.cli.main import main as cli
+from kolors_lib.core.compat import patch_torchvision
+from kolors_lib.core.config import load_config
+from kolors_lib.core.errors import ConfigError, StoryError
+from kolors_lib.kolors.lora import save_lora
+from kolors_lib.kolors.models import KolorsPaths, load_model_manager
+from kolors_lib.kolors.story import RenderSettings
+from kolors_lib.offline_models.tiny import write_tiny_kolors
+from kolors_lib.score.scoring import score_folder
+from kolors_lib.storyboard import storyboard as G
+from kolors_lib.storyboard.selection import candidate_grid, candidate_seeds, draft_budget
 
 patch_torchvision()
 N, SIZE, STEPS = 3, 64, 2
@@ -133,7 +135,7 @@ def test_candidate_grid_frames_the_chosen_drafts(best, tmp_path: Path) -> None:
     assert "(story)" in fig.axes[0].get_title()
     plain = tmp_path / "manifest.json"
     plain.write_text(json.dumps({**data, "selection": None}), encoding="utf-8")
-    with pytest.raises(ValueError, match="no best-of-N selection"):
+    with pytest.raises(StoryError, match="no best-of-N selection"):
         candidate_grid(plain)
 
 
@@ -153,8 +155,8 @@ def test_candidate_seeds_and_draft_sizes(tmp_path: Path) -> None:
     assert [row[0] for row in seeds] == list(range(1, 9)) and candidate_seeds(5, 4) == seeds[4]
     assert len({s for row in seeds for s in row}) == 32, "no seed shared between scenes"
     cfg = load_config(profile="tiny", workdir=tmp_path, overrides={"generate": {"draft_scale": 0.3}})
-    settings = G.RenderSettings("", 4.0, 50, 1024, 768)
-    plan = draft_plan(cfg, settings, 4)
+    settings = RenderSettings("", 4.0, 50, 1024, 768)
+    plan = draft_budget(cfg, settings, 4)
     assert (plan.steps, plan.width, plan.height, plan.final_steps) == (25, 320, 256, 50)
     assert plan.cost(8) == {"drafts": 32, "draft_steps": 800, "final_steps": 400}
 

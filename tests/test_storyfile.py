@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kolors_lib.config import CONFIG_DIR
-from kolors_lib.generation import StoryError, load_story
-from kolors_lib.storyfile import compose_prompt
+from kolors_lib.core.config import CONFIG_DIR
+from kolors_lib.core.errors import StoryError
+from kolors_lib.kolors.prompt_rule import compose_prompt
+from kolors_lib.kolors.story import load_story
 
 # The camp's 8 final prompts, as printed in its learner notes (the story file held them verbatim before)
 CAMP_PROMPTS = [
@@ -95,7 +96,7 @@ def test_bad_structured_scenes_give_one_line_errors(case: str, tmp_path: Path) -
 
 
 def test_the_storyboard_command_reports_a_bad_character_in_one_line(tmp_path: Path, capsys) -> None:
-    from kolors_lib.cli import main
+    from kolors_lib.cli.main import main
 
     raw = shipped()
     raw["scenes"][0]["action"] = "一个{小女孩}，坐着"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_lib.architecture import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, sized_class
-from kolors_lib.compat import patch_torchvision
-from kolors_lib.models import KolorsPaths, load_model_manager
-from kolors_lib.tiny import write_tiny_kolors
+from kolors_lib.core.compat import patch_torchvision
+from kolors_lib.kolors.architecture import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, sized_class
+from kolors_lib.kolors.models import KolorsPaths, load_model_manager
+from kolors_lib.offline_models.tiny import write_tiny_kolors
 
 patch_torchvision()
 

@@ -12,18 +12,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from kolors_lib.cli import main as cli_main
-from kolors_lib.config import Config, load_config
-from kolors_lib.encode_cache import build_cache, load_image_tensor
-from kolors_lib.training import (
-    FINAL_NAME,
-    KolorsLoraModule,
-    L,  # lightning, imported there after the torchvision patch
-    NonFiniteLossError,
-    TrainResult,
-    inject_lora,
-    train_lora,
-)
+from kolors_lib.cli.main import main as cli_main
+from kolors_lib.core.config import Config, load_config
+from kolors_lib.core.errors import NonFiniteLossError
+from kolors_lib.train.cache import build_cache, load_image_tensor
+from kolors_lib.train.lora_module import KolorsLoraModule, inject_lora
+from kolors_lib.train.report import TrainResult
+from kolors_lib.train.training import FINAL_NAME, L, train_lora
 from tests.train_sets import random_pictures, write_train_dir
 
 RES = 64  # small on purpose: 8x8 latents keep every step in milliseconds
@@ -39,7 +34,7 @@ def _write_train_dir(train_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def base_cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """Tiny models written once per module (the per-test configs point at them)."""
-    from kolors_lib.models import kolors_paths
+    from kolors_lib.kolors.models import kolors_paths
 
     cfg = load_config(profile="tiny", workdir=tmp_path_factory.mktemp("base") / "workdir")
     kolors_paths(cfg)
@@ -129,7 +124,7 @@ def _stock_module(cfg: Config) -> L.LightningModule:
     from diffsynth import SDXLImagePipeline
     from diffsynth.trainers.text_to_image import LightningModelForT2ILoRA
 
-    from kolors_lib.models import kolors_paths, load_model_manager, resolve_model
+    from kolors_lib.kolors.models import kolors_paths, load_model_manager, resolve_model
 
     module = LightningModelForT2ILoRA(learning_rate=cfg.train.learning_rate, use_gradient_checkpointing=False)
     vae = resolve_model(cfg, "vae_fp16_fix") / "diffusion_pytorch_model.safetensors"
@@ -168,7 +163,7 @@ def test_step_loss_and_grads_equal_stock_trainer(cfg: Config) -> None:
     stock_ds.path, stock_ds.text = [str(cfg.train_dir / sample.file_name)], [sample.text]
     # the stock step gets the raw caption and image and encodes both itself
     stock_batch = {"text": [sample.text], "image": stock_ds[0]["image"][None]}
-    from kolors_lib.encode_cache import CachedDataset
+    from kolors_lib.train.cache import CachedDataset
 
     item = CachedDataset(report, 0, 1, cfg.seed, False)
     our_batch = {k: v[None] for k, v in {"latents": item.latents[0]["latents"], **item.texts[0]}.items()}
@@ -192,7 +187,7 @@ def test_step_loss_and_grads_equal_stock_trainer(cfg: Config) -> None:
 
 
 def test_lora_injection_matches_stock_settings(base_cfg: Config) -> None:
-    from kolors_lib.training import load_unet
+    from kolors_lib.train.lora_module import load_unet
 
     unet = inject_lora(load_unet(base_cfg), base_cfg.lora)
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
@@ -354,7 +349,7 @@ def test_ddp_two_cpu_processes(cfg: Config) -> None:
 
 
 def test_result_says_what_this_run_did(tmp_path: Path) -> None:
-    from kolors_lib.training import TrainResult
+    from kolors_lib.train.report import TrainResult
 
     def result(steps: int, resumed: int) -> str:
         return str(TrainResult(tmp_path / "l.safetensors", tmp_path / "loss.csv", [], steps, resumed, 2.0,
@@ -371,7 +366,7 @@ def test_validation_images_use_the_storyboard_renderer_and_settings(cfg: Config,
     """Validation goes through DiffSynth's pipeline call with step 04's settings, not a second sampling loop."""
     from diffsynth import SDXLImagePipeline
 
-    from kolors_lib.story import load_story, render_settings
+    from kolors_lib.kolors.story import load_story, render_settings
 
     calls = []
     real_call = SDXLImagePipeline.__call__

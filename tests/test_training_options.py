@@ -13,13 +13,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from kolors_lib.buckets import batch_plan, bucket_sizes, nearest_bucket
-from kolors_lib.config import Config, default_train, load_config
-from kolors_lib.encode_cache import Sample, build_cache
-from kolors_lib.errors import TrainingError
-from kolors_lib.recipe import make_lr_scheduler, make_optimizer
-from kolors_lib.training import KolorsLoraModule, train_lora
-from kolors_lib.validation import ValidationSet, split_samples
+from kolors_lib.core.config import Config, default_train, load_config
+from kolors_lib.core.errors import TrainingError
+from kolors_lib.train.buckets import batch_plan, bucket_sizes, nearest_bucket
+from kolors_lib.train.cache import Sample, build_cache
+from kolors_lib.train.lora_module import KolorsLoraModule
+from kolors_lib.train.optim import make_lr_scheduler, make_optimizer
+from kolors_lib.train.training import train_lora
+from kolors_lib.train.validation import ValidationSet, split_samples
 from tests.train_sets import random_pictures, write_train_set
 
 RES = 64
@@ -28,7 +29,7 @@ FAST = {"resolution": RES, "save_every": 2, "gradient_checkpointing": False}
 
 @pytest.fixture(scope="module")
 def base_cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    from kolors_lib.models import kolors_paths
+    from kolors_lib.kolors.models import kolors_paths
 
     cfg = load_config(profile="tiny", workdir=tmp_path_factory.mktemp("base") / "workdir")
     kolors_paths(cfg)
@@ -159,7 +160,7 @@ def test_8bit_optimizers_need_cuda() -> None:
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"])
 def test_lr_schedules_are_diffusers(name: str) -> None:
-    from kolors_lib.compat import patch_torchvision
+    from kolors_lib.core.compat import patch_torchvision
 
     patch_torchvision()
     from diffusers.optimization import get_scheduler
@@ -177,7 +178,7 @@ def test_lr_schedules_are_diffusers(name: str) -> None:
 
 
 def test_training_logs_the_schedule_and_resumes_it(base_cfg: Config, tmp_path: Path) -> None:
-    from kolors_lib.compat import patch_torchvision
+    from kolors_lib.core.compat import patch_torchvision
 
     patch_torchvision()
     from diffusers.optimization import get_scheduler
@@ -237,7 +238,7 @@ def test_min_snr_and_noise_offset_change_the_loss_as_their_formulas(base_cfg: Co
     cfg = _cfg(base_cfg, tmp_path / "wd")
     report = build_cache(cfg)
     module = KolorsLoraModule.from_config(cfg)
-    from kolors_lib.encode_cache import load_latents, load_text
+    from kolors_lib.train.cache import load_latents, load_text
 
     batch = {"latents": load_latents(report.root, report.samples[0].image_key)["latents"][None],
              **{k: v[None] for k, v in load_text(report.root, report.samples[0].text_key).items()}}
@@ -316,7 +317,7 @@ def test_bucketed_training_keeps_aspect_ratios(base_cfg: Config, tmp_path: Path)
     assert latent_sizes <= {(h, w) for w, h in sizes} and len(latent_sizes) > 1
 
 
-from kolors_lib.training import L  # noqa: E402  (lightning, after the torchvision patch)
+from kolors_lib.train.training import L  # noqa: E402  (lightning, after the torchvision patch)
 
 
 def test_variants_and_ema(base_cfg: Config, tmp_path: Path) -> None:
@@ -346,7 +347,8 @@ def test_variants_and_ema(base_cfg: Config, tmp_path: Path) -> None:
 
 
 def test_compare_settings_trains_each_setting_on_the_same_split(base_cfg: Config, tmp_path: Path) -> None:
-    from kolors_lib.training import compare_settings, val_loss_figure
+    from kolors_lib.train.report import val_loss_figure
+    from kolors_lib.train.training import compare_settings
 
     cfg = _cfg(base_cfg, tmp_path / "wd")
     runs = compare_settings(cfg, {"A": {}, "B": {"lr": 5e-2, "target_modules": "attn_ff"}}, steps=4,

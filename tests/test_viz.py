@@ -7,8 +7,7 @@ from pathlib import Path
 from matplotlib import ft2font
 from PIL import Image
 
-from kolors_lib.data import show_images
-from kolors_lib.viz import find_cjk_font, register_bundled_cjk_font
+from kolors_lib.core.images import find_cjk_font, image_grid, register_bundled_cjk_font
 
 
 def test_bundled_font_draws_the_story_scene_names() -> None:
@@ -24,7 +23,7 @@ def test_bundled_font_draws_the_story_scene_names() -> None:
 def test_thumbnail_titles_use_the_cjk_font(tmp_path: Path) -> None:
     path = tmp_path / "a.png"
     Image.new("RGB", (32, 32), (10, 200, 30)).save(path)
-    fig = show_images([path], ["一个女孩，水墨画"])
+    fig = image_grid([path], ["一个女孩，水墨画"])
     title = fig.axes[0].title
     assert title.get_text() == "一个女孩，水墨画"
     assert Path(title.get_fontproperties().get_file()) == find_cjk_font("一个女孩")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kolors_lib.config import Config, load_config
+from kolors_lib.core.config import Config, load_config
 
 
 def random_pictures(shapes: Sequence[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
