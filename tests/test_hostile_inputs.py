@@ -380,7 +380,7 @@ def test_swap_killed_between_renames_is_recovered_and_leftovers_cleaned(tmp_path
     train.mkdir(parents=True)
     (train / "metadata.csv").write_text("file_name,text\na.png,a cat\n", encoding="utf-8")
     # a real process runs swap_folder's first rename and is killed (SIGKILL) before the second
-    code = ("import os, signal\nfrom kolors_lib import files\nreal = os.replace\ncalls = []\n"
+    code = ("import os, signal\nfrom kolors_lib.core import files\nreal = os.replace\ncalls = []\n"
             "def replace(a, b):\n    real(a, b)\n    calls.append(b)\n"
             "    if len(calls) == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
             "os.replace = replace\n"
