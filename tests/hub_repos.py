@@ -75,6 +75,24 @@ def _seven_shards(text_encoder: Path) -> dict[str, bytes]:
     return out
 
 
+def _two_safetensors_shards(weights: Path) -> dict[str, bytes]:
+    """The tiny Qwen2-VL's weights under the real repo's two shard names, with their index."""
+    from safetensors.torch import load_file, save
+
+    state = load_file(weights)
+    keys = sorted(state)
+    out, weight_map = {}, {}
+    for i in range(2):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        part = {k: state[k].contiguous() for k in keys[i::2]}
+        out[name] = save(part, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    out["model.safetensors.index.json"] = json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+                                                     indent=2).encode()
+    return out
+
+
 def _overlay(real: dict[str, int], tiny: dict[str, bytes]) -> dict[str, bytes | Served]:
     """Every real file name: the tiny bytes where the tiny writer has the file, a filler elsewhere."""
     files: dict[str, bytes | Served] = {name: Served.filler(size, name) for name, size in real.items()}
@@ -84,9 +102,13 @@ def _overlay(real: dict[str, int], tiny: dict[str, bytes]) -> dict[str, bytes | 
 
 def full_profile_repos(tiny: dict[str, Path]) -> dict[str, dict[str, bytes | Served]]:
     """The four model repos of the `full` profile, from the folders `write_tiny_kolors` returned."""
-    kolors = {n: d for n, d in _files(tiny["kolors"]).items() if not n.startswith("text_encoder/pytorch_model")}
+    # the pipeline's own tokenizer/ folder is not loaded (DiffSynth ships the tokenizer; the ComfyUI
+    # wrapper reads text_encoder/): a filler, like every file the course never fetches
+    kolors = {n: d for n, d in _files(tiny["kolors"]).items()
+              if not n.startswith(("text_encoder/pytorch_model", "tokenizer/"))}
     kolors.update(_seven_shards(tiny["kolors"] / "text_encoder"))
-    captioner = _files(tiny["captioner"])
+    captioner = {n: d for n, d in _files(tiny["captioner"]).items() if n != "model.safetensors"}
+    captioner.update(_two_safetensors_shards(tiny["captioner"] / "model.safetensors"))
     captioner_real = {**CAPTIONER_FILES, **{n: len(d) for n, d in captioner.items() if n not in CAPTIONER_FILES}}
     return {
         KOLORS_ID: _overlay(KOLORS_FILES, kolors),

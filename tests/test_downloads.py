@@ -23,6 +23,8 @@ from ms_download_server import DownloadHub, Served
 from kolors_lib.cli.main import main
 from kolors_lib.core.config import load_config
 from kolors_lib.core.downloads import MANIFEST, RepoFile, select
+from kolors_lib.core.errors import DataError
+from kolors_lib.data.importer import import_dataset, read_metadata
 from kolors_lib.kolors.models import ALLOW_PATTERNS, kolors_paths, load_model_manager
 from kolors_lib.offline_models.tiny import write_tiny_kolors
 
@@ -33,9 +35,15 @@ FAST_FAILURE = {"MODELSCOPE_API_MAX_RETRIES": "0", "MODELSCOPE_DOWNLOAD_MAX_RETR
 
 
 @pytest.fixture(scope="module")
-def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """The four model repos of the full profile, built once from a tiny Kolors."""
-    return full_profile_repos(write_tiny_kolors(tmp_path_factory.mktemp("tiny"), seed=0))
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny models (Kolors, VAE, scorer, VLM), written once for the module."""
+    return write_tiny_kolors(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def repos(tiny: dict[str, Path]) -> dict[str, dict]:
+    """The four model repos of the full profile, built from the tiny models."""
+    return full_profile_repos(tiny)
 
 
 @pytest.fixture
@@ -135,10 +143,9 @@ def test_a_complete_modelscope_download_is_used_with_the_hub_down(hub: DownloadH
     assert json.loads(capsys.readouterr().out) == folders
 
 
-def test_the_older_flat_cache_layout_is_used_offline(repos: dict, tmp_path: Path,
+def test_the_older_flat_cache_layout_is_used_offline(tiny: dict[str, Path], tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", _closed_port())
-    tiny = write_tiny_kolors(tmp_path / "tiny")
     cache = tmp_path / "cache"
     shutil.copytree(tiny["kolors"], cache / "Kwai-Kolors" / "Kolors")
     cfg = load_config(profile="full", workdir=tmp_path, overrides={"models": {"cache_dir": str(cache)}})
@@ -179,14 +186,13 @@ def test_each_download_fault_is_one_error_line_and_the_next_run_finishes(fault: 
     assert "Traceback" not in failed.stderr and sum(line.startswith("error:") for line in lines) == 1
     line = lines[-1]
     assert line.startswith(f"error: cannot download {KOLORS_ID}: ") and where in line and cause in line, line
-    assert "run the same command again" in line.lower() and "models.kolors.local_dir" in line
+    assert "again" in line and "models.kolors.local_dir" in line
     folder = tmp_path / "models/modelscope/models/Kwai-Kolors--Kolors/snapshots/master"
     assert not (folder / UNET).exists()  # nothing half-written or unverified at the path a step loads
     for name in ("list_status", "file_status", "drop_file", "wrong_size", "wrong_sha"):
         setattr(hub, name, None if name == "list_status" else type(getattr(hub, name))())
     fetched = len(hub.file_gets)
-    again = _cli(tmp_path, hub.url)
-    assert again.returncode == 0, again.stderr
+    assert _models(tmp_path) == 0  # the next run, in this process (the client's default retries)
     refetched = [g for g in hub.file_gets[fetched:] if g[0] == KOLORS_ID]
     if fault != "list 500" and fault != "list 404":
         assert [p for _, p, _ in refetched] == [UNET]  # the finished files are kept
@@ -209,3 +215,44 @@ def test_the_offline_hub_switches_are_scoped_to_the_call(monkeypatch: pytest.Mon
         assert os.environ["HF_HUB_OFFLINE"] == "1" and hub_constants.HF_HUB_OFFLINE
         assert datasets.config.HF_HUB_OFFLINE
     assert dict(os.environ) == before and not hub_constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE
+
+
+def _anime_cfg(tiny_cfg):
+    tiny_cfg.data.source = "modelscope"
+    return tiny_cfg
+
+
+def test_lowres_anime_is_imported_from_the_hub_once(hub: DownloadHub, tiny_cfg) -> None:
+    cfg = _anime_cfg(tiny_cfg)
+    result = import_dataset(cfg)
+    assert result.count == 6 and result.skipped == []
+    rows = read_metadata(cfg.raw_dir)
+    assert {r["text"] for r in rows} == {"二次元"} and rows[0]["source"] == f"modelscope:{DATASET_ID}#0"
+    assert sorted(hub.fetched(DATASET_ID)) == [f"data/train-0000{i}-of-00002.parquet" for i in (0, 1)]
+    before = len(hub.requests)
+    assert import_dataset(cfg).count == 6 and len(hub.requests) == before  # the record: no request at all
+
+
+def test_a_corrupt_parquet_is_reported_skipped_and_fetched_again(hub: DownloadHub, tiny_cfg) -> None:
+    cfg = _anime_cfg(tiny_cfg)
+    bad = "data/train-00001-of-00002.parquet"
+    good = hub.dataset_repos[DATASET_ID][bad]
+    hub.add_dataset(DATASET_ID, {**hub.dataset_repos[DATASET_ID], bad: b"PAR1 this is not parquet PAR1"})
+    result = import_dataset(cfg)
+    assert result.count == 3  # the other file's rows
+    [skip] = result.skipped
+    assert skip["source"] == f"modelscope:{DATASET_ID}/{bad}" and "not a readable parquet file" in skip["reason"]
+    assert json.loads(result.report_path.read_text(encoding="utf-8"))["skipped"] == [skip]
+    hub.add_dataset(DATASET_ID, {**hub.dataset_repos[DATASET_ID], bad: good})  # the hub's copy is fixed
+    fetched = len(hub.file_gets)
+    again = import_dataset(cfg)
+    assert again.count == 6 and again.skipped == [] and hub.fetched()[fetched:] == [bad]
+
+
+def test_a_dataset_download_failure_is_one_data_error(hub: DownloadHub, tiny_cfg) -> None:
+    hub.list_status = 404
+    with pytest.raises(DataError) as err:
+        import_dataset(_anime_cfg(tiny_cfg))
+    line = err.value.one_line()
+    assert line.startswith(f"cannot download {DATASET_ID}: its file list could not be read") and "404" in line
+    assert "python -m kolors_lib data import SRC" in line and err.value.__suppress_context__

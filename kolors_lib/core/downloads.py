@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kolors_lib.core.console import progress, show
+from kolors_lib.core.console import console_stream, progress
 from kolors_lib.core.errors import DownloadError
 from kolors_lib.core.files import write_json
 from kolors_lib.core.hub import hub_endpoint, hub_reachable
@@ -27,7 +27,7 @@ MANIFEST = ".course-download.json"
 REVISION = "master"
 # an allow-list entry: a glob, or a tuple of alternatives of which the first the hub has is taken
 Pattern = str | tuple[str, ...]
-RETRY = "run the same command again (finished files are kept, a partial file resumes)"
+RETRY = "Run the same command again (finished files are kept, a partial file resumes)"
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,22 @@ def _to_fetch(folder: Path, wanted: list[RepoFile]) -> list[RepoFile]:
     return todo
 
 
+def hub_listing(repo_id: str, patterns: Sequence[Pattern], hint: str, repo_type: str = "model") -> list[RepoFile]:
+    """The files `patterns` take from the hub's file list of `repo_id`; a DownloadError when the hub cannot say."""
+    if not hub_reachable():
+        raise DownloadError(f"cannot download {repo_id}: ModelScope ({hub_endpoint()}) is not reachable from this "
+                            f"machine. Run again once it is, or {hint}")
+    try:
+        wanted = select(list_files(repo_id, repo_type), patterns)
+    except Exception as err:  # modelscope_hub's errors are not OSErrors: any of them means "no file list"
+        raise DownloadError(f"cannot download {repo_id}: its file list could not be read from {hub_endpoint()}: "
+                            f"{cause_of(err)}. Run again later, or {hint}") from None
+    if not wanted:
+        raise DownloadError(f"cannot download {repo_id}: the hub lists none of the files the course needs "
+                            f"({', '.join(map(str, _patterns_key(patterns)))}); {hint}")
+    return wanted
+
+
 def fetch_repo(repo_id: str, cache_dir: str | Path, patterns: Sequence[Pattern], hint: str,
                repo_type: str = "model", complete: Callable[[Path], bool] | None = None) -> Path:
     """The local folder of `repo_id` holding the files `patterns` take, downloading what is missing.
@@ -233,21 +249,12 @@ def fetch_repo(repo_id: str, cache_dir: str | Path, patterns: Sequence[Pattern],
     if found is not None:
         return found
     fallback = unrecorded_copy(cache_dir, repo_id, complete, repo_type)
-    if not hub_reachable():
-        if fallback is not None:
-            return fallback
-        raise DownloadError(f"cannot download {repo_id}: ModelScope ({hub_endpoint()}) is not reachable from this "
-                            f"machine. Run again once it is, or {hint}")
     try:
-        wanted = select(list_files(repo_id, repo_type), patterns)
-    except Exception as err:  # modelscope_hub's errors are not OSErrors: any of them means "no file list"
+        wanted = hub_listing(repo_id, patterns, hint, repo_type)
+    except DownloadError:
         if fallback is not None:
             return fallback
-        raise DownloadError(f"cannot download {repo_id}: its file list could not be read from {hub_endpoint()}: "
-                            f"{cause_of(err)}. Run again later, or {hint}") from None
-    if not wanted:
-        raise DownloadError(f"cannot download {repo_id}: the hub lists none of the files the course needs "
-                            f"({', '.join(map(str, _patterns_key(patterns)))}). {hint[0].upper()}{hint[1:]}")
+        raise
     return _download(repo_id, cache_dir, patterns, wanted, hint, repo_type)
 
 
@@ -261,12 +268,14 @@ def _download(repo_id: str, cache_dir: Path, patterns: Sequence[Pattern], wanted
     todo = _to_fetch(folder, wanted) if folder.is_dir() else list(wanted)
     failed: set[str] = set()
     if todo:
-        show(f"downloading {len(todo)} file(s) of {repo_id}, {human_size(sum(f.size for f in todo))}")
+        print(f"downloading {len(todo)} file(s) of {repo_id}, {human_size(sum(f.size for f in todo))}",
+              file=console_stream(), flush=True)  # beside the bars; stdout stays the command's result
         bars = _Bars(repo_id, sum(f.size for f in todo))
         exact = [glob.escape(f.path) for f in todo]
         try:
             folder = Path(snapshot_download(repo_id=repo_id, repo_type=repo_type, cache_dir=str(cache_dir),
-                                            allow_patterns=exact, progress_callbacks=[bars.callback()]))
+                                            allow_patterns=exact, progress_callbacks=[bars.callback()],
+                                            endpoint=hub_endpoint()))
         except FileDownloadError as err:
             failed = set(err.failed_files or {}) or {f.path for f in todo}
             folder = Path(getattr(err, "output_dir", None) or folder)
@@ -274,14 +283,14 @@ def _download(repo_id: str, cache_dir: Path, patterns: Sequence[Pattern], wanted
             path = sorted(failed)[0]
             more = f" (and {len(failed) - 1} more file(s))" if len(failed) > 1 else ""
             raise DownloadError(f"cannot download {repo_id}: file {path}{more} failed: "
-                                f"{cause_of((err.failed_files or {}).get(path, err))}. {RETRY[0].upper()}{RETRY[1:]}; "
+                                f"{cause_of((err.failed_files or {}).get(path, err))}. {RETRY}; "
                                 f"or {hint}") from None
         except Exception as err:
-            raise DownloadError(f"cannot download {repo_id}: {cause_of(err)}. {RETRY[0].upper()}{RETRY[1:]}; "
+            raise DownloadError(f"cannot download {repo_id}: {cause_of(err)}. {RETRY}; "
                                 f"or {hint}") from None
         finally:
             bars.close()
     if not _record(folder, repo_id, patterns, wanted, failed):
         raise DownloadError(f"cannot download {repo_id}: some files did not arrive whole in {folder}. "
-                            f"{RETRY[0].upper()}{RETRY[1:]}; or {hint}")
+                            f"{RETRY}; or {hint}")
     return folder
