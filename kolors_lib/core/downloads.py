@@ -15,6 +15,7 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -94,18 +95,12 @@ def unrecorded_copy(cache_dir: str | Path, repo_id: str, complete: Callable[[Pat
     return None
 
 
-def _matches(path: str, pattern: str) -> bool:
-    from fnmatch import fnmatchcase
-
-    return fnmatchcase(path, pattern)
-
-
 def select(files: Sequence[RepoFile], patterns: Sequence[Pattern]) -> list[RepoFile]:
     """The files the allow list takes, in the hub's order; a tuple entry takes its first alternative the hub has."""
     chosen: list[str] = []
     for entry in patterns:
         for alternative in (entry if isinstance(entry, tuple) else (entry,)):
-            hits = [f.path for f in files if _matches(f.path, alternative)]
+            hits = [f.path for f in files if fnmatchcase(f.path, alternative)]
             if hits:
                 chosen.extend(hits)
                 break
@@ -124,11 +119,13 @@ def list_files(repo_id: str, repo_type: str = "model") -> list[RepoFile]:
 
 def human_size(size: float) -> str:
     """Bytes as a short human size (1024-based: what file managers show)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if size < 1024:
+        return f"{size:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         size /= 1024
-    return f"{size:.1f} GiB"
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def cause_of(err: BaseException) -> str:
