@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from test_model_ops import write_raw
 
 from kolors_lib.clean.captioning import OP_NAME, KolorsCaptionMapper, load_captioner
 from kolors_lib.clean.pipeline import filter_dataset
+from kolors_lib.core.compat import OFFLINE_ENV
 from kolors_lib.core.config import Config, load_config
 from kolors_lib.core.errors import ModelUnavailableError
 from kolors_lib.offline_models.tiny_vlm import SPECIAL_TOKENS, write_tiny_vlm
@@ -98,7 +100,10 @@ def test_keep_mode_leaves_the_op_out_and_uses_the_placeholder(step02_cfg: Config
     step02_cfg.filter.caption_mode = "keep"
     step02_cfg.models.captioner.local_dir = tmp_path / "no-such-model"  # never looked at in keep mode
     write_raw(step02_cfg.raw_dir, 2, {0: PLACEHOLDER, 1: "山水"})
+    hub_env = {key: os.environ.get(key) for key in OFFLINE_ENV}
     result = filter_dataset(step02_cfg)
+    # the offline hub switches were for the Data-Juicer run only (issue 20)
+    assert {key: os.environ.get(key) for key in OFFLINE_ENV} == hub_env
     assert OP_NAME not in [o["op"] for o in result.ops]
     assert sorted(read_metadata(step02_cfg).values()) == ["kstory, 二次元", "kstory, 山水"]
     assert [r["caption_source"] for r in result.images] == ["default", "original"]

@@ -516,29 +516,32 @@ def test_image_grid_of_files(tmp_path: Path) -> None:
     assert image_grid([]).texts[0].get_text() == "no images"
 
 
-def test_modelscope_rows_imported(tiny_cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kolors_lib.data.importer as data
+def test_modelscope_rows_imported(tiny_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of a hub dataset's parquet file, served by the loopback hub: captions cleaned, encoded images kept as
+    they are, transparent ones flattened, a row without an image skipped with its reason."""
+    from hub_repos import DATASET_ID, parquet_bytes
+    from ms_download_server import DownloadHub
 
     encoded = io.BytesIO()
     Image.new("RGB", (40, 30), (1, 2, 3)).save(encoded, format="PNG")
-    on_disk = _png(tmp_path / "cached.png", (20, 10))
-    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
-    rows = [{"image": rgba, "text": " 一个女孩 "}, {"image": {"bytes": encoded.getvalue(), "path": None}},
-            {"image": None, "text": "x"}, {"image": str(on_disk), "text": ""}]
-    monkeypatch.setattr(data, "_modelscope_dataset", lambda cfg: rows)
-    tiny_cfg.data.source = "modelscope"
-    result = import_dataset(tiny_cfg)
-    assert result.count == 3
+    rgba = io.BytesIO()
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(rgba, format="PNG")
+    rows = [{"image": {"bytes": rgba.getvalue(), "path": "a.png"}, "text": " 一个女孩 "},
+            {"image": {"bytes": encoded.getvalue(), "path": "b.png"}, "text": None},
+            {"image": None, "text": "x"}]
+    with DownloadHub() as hub:
+        hub.add_dataset(DATASET_ID, {"data/train-00000-of-00001.parquet": parquet_bytes(rows)})
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
+        tiny_cfg.data.source = "modelscope"
+        result = import_dataset(tiny_cfg)
+    assert result.count == 2
     got = read_metadata(tiny_cfg.raw_dir)
     prefix = f"modelscope:{tiny_cfg.data.dataset_id}#"
-    assert [r["source"] for r in got] == [prefix + "0", prefix + "1", prefix + "3"]
-    default = tiny_cfg.data.default_caption
-    assert [r["text"] for r in got] == ["一个女孩", default, default]
-    assert [(r["width"], r["height"]) for r in got] == [(32, 32), (40, 30), (20, 10)]
+    assert [r["source"] for r in got] == [prefix + "0", prefix + "1"]
+    assert [r["text"] for r in got] == ["一个女孩", tiny_cfg.data.default_caption]
+    assert [(r["width"], r["height"]) for r in got] == [(32, 32), (40, 30)]
     assert _open_row(tiny_cfg, got[0]).getpixel((5, 5)) == (255, 255, 255)
-    # encoded bytes and files are kept as they are
     assert (tiny_cfg.raw_dir / got[1]["images"][0]).read_bytes() == encoded.getvalue()
-    assert (tiny_cfg.raw_dir / got[2]["images"][0]).read_bytes() == on_disk.read_bytes()
     assert result.skipped == [{"source": prefix + "2", "reason": "row has no image (got NoneType)"}]
     assert json.loads(result.report_path.read_text(encoding="utf-8"))["source"] == prefix[:-1]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import shutil
 import socket
 import time
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from kolors_lib.core.config import load_config
+from kolors_lib.core.downloads import RepoFile, select
 from kolors_lib.core.errors import ModelUnavailableError
 from kolors_lib.kolors.models import ALLOW_PATTERNS, kolors_paths, load_model_manager, resolve_model
 from kolors_lib.offline_models.tiny import write_tiny_kolors
@@ -54,18 +54,19 @@ def test_prefilled_modelscope_cache_is_used_offline(tmp_path: Path, monkeypatch)
 
 
 def test_download_takes_the_fp16_unet_the_comfyui_wrapper_loads() -> None:
-    """ModelScope's allow_patterns (fnmatch globs) against the files of Kwai-Kolors/Kolors."""
+    """The allow list (globs; a tuple takes the first alternative the hub has) against Kwai-Kolors/Kolors' files."""
     repo = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
             "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
             "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
             "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/config.json",
             "text_encoder/pytorch_model-00001-of-00007.bin", "text_encoder/tokenizer.model",
             "tokenizer/tokenizer.model", "README.md", "imgs/cat_and_dog.png"]
-    taken = {f for f in repo if any(fnmatch.fnmatch(f, p) for p in ALLOW_PATTERNS["kolors"])}
+    taken = {f.path for f in select([RepoFile(p, 1, None) for p in repo], ALLOW_PATTERNS["kolors"])}
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in taken
     assert "unet/diffusion_pytorch_model.safetensors" not in taken  # the unused 10 GB fp32 copy
     assert {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
             "text_encoder/pytorch_model-00001-of-00007.bin"} <= taken  # what the wrapper reads too
+    assert not taken & {"README.md", "imgs/cat_and_dog.png", "tokenizer/tokenizer.model"}
 
 
 def test_an_older_download_with_only_the_fp32_unet_still_loads(tmp_path: Path) -> None:

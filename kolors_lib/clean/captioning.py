@@ -43,16 +43,16 @@ def load_captioner(folder: str | Path, device: str = "cpu", max_pixels: int | No
     """Qwen2-VL (real or tiny: same files, same classes) and its processor, cached per process."""
     key = (str(folder), device)
     if key not in _MODELS:
-        from kolors_lib.core.compat import offline_hub_env, patch_torchvision
+        from kolors_lib.core.compat import offline_hubs, patch_torchvision
 
-        offline_hub_env()
         patch_torchvision()  # transformers' Qwen2-VL image code imports torchvision
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        with offline_hubs():  # a local folder: nothing to ask the hub
+            from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-        sizes = {"max_pixels": max_pixels} if max_pixels else {}
-        processor = AutoProcessor.from_pretrained(str(folder), use_fast=True, **sizes)
+            sizes = {"max_pixels": max_pixels} if max_pixels else {}
+            processor = AutoProcessor.from_pretrained(str(folder), use_fast=True, **sizes)
+            model = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), dtype=_dtype(device))
         processor.tokenizer.padding_side = "left"  # batched generation appends after the prompt
-        model = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), dtype=_dtype(device))
         _MODELS[key] = (model.to(device).eval(), processor)
     return _MODELS[key]
 

@@ -69,9 +69,9 @@ def _reset_dj_logger() -> None:
 
 def _ray_worker_setup() -> None:
     """Run in every Ray worker: offline hubs and the CPU torchvision shim (imagededup needs it)."""
-    from kolors_lib.core.compat import offline_hub_env, patch_torchvision
+    from kolors_lib.core.compat import patch_torchvision, set_offline_env
 
-    offline_hub_env()
+    set_offline_env()  # this worker process exists for the one Data-Juicer run
     patch_torchvision()
 
 
@@ -153,15 +153,14 @@ def single_threaded_forks() -> None:
 
 def run_data_juicer(recipe_path: Path, executor: str, ray_address: str = "local") -> Path:
     """Run a resolved recipe with Data-Juicer's Python API; return the job folder (traces, logs)."""
-    from kolors_lib.core.compat import offline_hub_env, patch_torchvision
+    from kolors_lib.core.compat import offline_hubs, patch_torchvision
 
-    # HF datasets phones home on every jsonl load; imagededup imports torchvision
-    offline_hub_env()
-    patch_torchvision()
+    patch_torchvision()  # imagededup imports torchvision
     single_threaded_forks()
     # Ray must be up before init_configs, which already asks the cluster for its CPU count
     ray = _local_ray(ray_address) if executor == "ray" else contextlib.nullcontext()
-    with _dj_process_state(), _no_runtime_installs(), _quiet_console(), ray:
+    # HF datasets phones home on every jsonl load: offline for this run only (a later step may download)
+    with offline_hubs(), _dj_process_state(), _no_runtime_installs(), _quiet_console(), ray:
         from data_juicer.config import init_configs
 
         import kolors_lib.clean.captioning  # noqa: F401 - registers kolors_caption_mapper before the recipe is read

@@ -72,9 +72,12 @@ def aesthetic_link(folder: Path, dj_dir: Path) -> Path:
 
 def optional_model(cfg: Config, key: str) -> Path | None:
     """A complete local folder for an optional model (local_dir, else the ModelScope cache); no network."""
+    from kolors_lib.core.downloads import repo_folders
+    from kolors_lib.kolors.models import model_cache
+
     source = getattr(cfg.models, key)
-    cache = cfg.models.cache_dir or cfg.models_dir / "modelscope"
-    for folder in (source.local_dir, Path(cache) / source.model_id):
+    # every layout modelscope 1.40.2 writes or reuses (its own: models/<owner>--<name>/snapshots/master)
+    for folder in (source.local_dir, *repo_folders(model_cache(cfg), source.model_id)):
         if folder is not None and all((Path(folder) / name).is_file() for name in OPTIONAL_REQUIRED):
             return Path(folder)
     return None

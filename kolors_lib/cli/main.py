@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="resolve (download or find) the profile's models and print their folders")
     add_common(models)
+    models.add_argument("--dry-run", action="store_true",
+                        help="download nothing: list the files each model would fetch, with the hub's sizes")
 
     data = sub.add_parser("data", help="step 01 (import) and step 02 (filter) of the course")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -134,10 +136,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from kolors_lib.kolors.models import resolve_model
+    from kolors_lib.kolors.models import DOWNLOADED, download_plan, resolve_model
 
     cfg = _config(args)
-    print(json.dumps({k: str(resolve_model(cfg, k)) for k in ("kolors", "vae_fp16_fix", "aesthetic")}, indent=2))
+    if args.dry_run:
+        print("\n".join(download_plan(cfg, DOWNLOADED)))
+        return 0
+    print(json.dumps({k: str(resolve_model(cfg, k)) for k in DOWNLOADED}, indent=2))
     return 0
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
+from collections.abc import Iterator
 
 _TORCHVISION_OPS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -46,10 +49,42 @@ def patch_torchvision() -> bool:
     return needed
 
 
-def offline_hub_env() -> None:
-    """Stop HF `datasets`/`huggingface_hub` from phoning home while Data-Juicer loads jsonl."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+# HF `datasets` and `huggingface_hub` phone home (jsonl loads, model lookups) unless these are set
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+# ...and read them once, at import, into these module constants
+_OFFLINE_CONSTANTS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                      ("datasets.config", "HF_DATASETS_OFFLINE"), ("transformers.utils.hub", "_is_offline_mode"))
+
+
+def set_offline_env() -> None:
+    """Offline hubs for this whole process: only for a worker process that exists for one Data-Juicer run."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def offline_hubs() -> Iterator[None]:
+    """HF `datasets`, `huggingface_hub` and `transformers` make no network calls inside the block; the
+    environment and those libraries' offline switches are put back afterwards (a later step may download)."""
+    import datasets.config  # noqa: F401 - loaded now, so their import-time switches are restored after
+    import huggingface_hub.constants
+
+    outside = bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+    saved_env = {key: os.environ.get(key) for key in OFFLINE_ENV}
+    saved = {(mod, attr): getattr(sys.modules[mod], attr) for mod, attr in _OFFLINE_CONSTANTS if mod in sys.modules}
+    os.environ.update(OFFLINE_ENV)
+    for mod, attr in _OFFLINE_CONSTANTS:
+        if mod in sys.modules:
+            setattr(sys.modules[mod], attr, True)
+    try:
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for mod, attr in _OFFLINE_CONSTANTS:
+            if mod in sys.modules:  # also a module first imported inside the block
+                setattr(sys.modules[mod], attr, saved.get((mod, attr), outside))

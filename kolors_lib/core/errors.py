@@ -37,6 +37,10 @@ class ModelUnavailableError(CourseError, RuntimeError):
     """A model that is neither on disk nor downloadable."""
 
 
+class DownloadError(ModelUnavailableError):
+    """A download from ModelScope failed: the message names the repo (and file), the cause and what to do."""
+
+
 class TrainingError(CourseError, RuntimeError):
     """Training cannot go on (non-finite loss, empty dataset, bad settings)."""
 

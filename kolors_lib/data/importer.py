@@ -20,7 +20,6 @@ from kolors_lib.core.console import logged_step
 from kolors_lib.core.console import progress as tqdm  # finished bars in saved notebooks
 from kolors_lib.core.errors import DataError
 from kolors_lib.core.files import staged_folder, write_json
-from kolors_lib.core.hub import hub_endpoint, hub_reachable
 from kolors_lib.core.images import ORIENTATION_TAG, to_rgb
 from kolors_lib.core.lock import one_writer
 from kolors_lib.data.sources import IMAGE_EXTS, METADATA_NAME, SourceItem, folder_items, is_inside, read_limited
@@ -29,12 +28,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 REPORT_NAME = "import_report.json"
-# ModelScope reads these at import time; with them an unreachable hub fails at once, not after ~15 s.
-OFFLINE_HUB_ENV = {
-    "MODELSCOPE_API_MAX_RETRIES": "1",
-    "MODELSCOPE_DOWNLOAD_MAX_RETRIES": "0",
-    "MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS": "1",
-}
 _COPY_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 _REQUIRED_KEYS = ("id", "images", "text")
 
@@ -212,42 +205,6 @@ def _import_one(item: SourceItem, dest_dir: Path, stem: str, max_pixels: int) ->
 # --------------------------------------------------------------------------- ModelScope
 
 
-def _hub_error(cfg: Config, err: BaseException, offline: bool) -> DataError:
-    """A short DataError for a failed ModelScope load, pointing at the local-folder route."""
-    detail = " ".join(f"{type(err).__name__}: {err}".split())
-    detail = detail if len(detail) <= 300 else detail[:299] + "…"
-    why = f"the hub {hub_endpoint()} is unreachable" if offline else detail
-    extra = f" ({detail})" if offline else ""
-    return DataError(
-        f"could not load ModelScope dataset {cfg.data.dataset_id!r}: {why}{extra}. "
-        "Pass a local image folder instead: `python -m kolors_lib data import SRC` "
-        "(or set data.source to a folder, or 'sample', in the config)."
-    )
-
-
-def _modelscope_dataset(cfg: Config) -> Any:
-    """Load cfg.data.dataset_id like the camp did; any failure becomes a DataError."""
-    offline = not hub_reachable()
-    cache = cfg.workdir / "data" / "modelscope"
-    if offline:
-        if not any(cache.glob("*")):
-            # nothing cached to fall back on: say so now rather than after MsDataset's retries
-            raise _hub_error(cfg, ConnectionError("no network route to the hub"), offline) from None
-        for key, value in OFFLINE_HUB_ENV.items():
-            os.environ.setdefault(key, value)
-    try:
-        from modelscope.msdatasets import MsDataset
-    except ImportError as err:
-        raise DataError(f"modelscope is not installed ({err}); install requirements.txt "
-                        "or pass a local folder: `python -m kolors_lib data import SRC`") from None
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        return MsDataset.load(cfg.data.dataset_id, subset_name=cfg.data.subset, split=cfg.data.split,
-                              cache_dir=str(cache))
-    except Exception as err:
-        raise _hub_error(cfg, err, offline) from None
-
-
 def _row_image(value: Any) -> Any:
     """A row's image as a PIL image, encoded bytes or a file path."""
     if isinstance(value, dict):
@@ -356,21 +313,14 @@ def import_folder(cfg: Config, folder: str | Path) -> ImportResult:
 
 
 def import_modelscope(cfg: Config) -> ImportResult:
-    """Import cfg.data.dataset_id from ModelScope (the camp's MsDataset.load call)."""
-    ds = _modelscope_dataset(cfg)
-    try:
-        total = len(ds)
-    except Exception:
-        total = None
-    if cfg.data.limit is not None and total is not None:
-        total = min(total, cfg.data.limit)
-    try:
-        items = _modelscope_items(cfg, ds)
-        return _run_import(items, cfg, f"modelscope:{cfg.data.dataset_id}", [], [], total)
-    except DataError:
-        raise
-    except Exception as err:  # rows are fetched lazily: a network failure can surface mid-iteration
-        raise _hub_error(cfg, err, offline=False) from None
+    """Import cfg.data.dataset_id from ModelScope: its parquet files of cfg.data.split, downloaded and read."""
+    from kolors_lib.data.hub_dataset import dataset_rows
+
+    rows = dataset_rows(cfg)
+    total = len(rows) if cfg.data.limit is None else min(len(rows), cfg.data.limit)
+    # a file that turns out unreadable is reported as skipped, with the rows of the others imported
+    return _run_import(_modelscope_items(cfg, rows), cfg, f"modelscope:{cfg.data.dataset_id}", rows.skipped, [],
+                       total)
 
 
 @logged_step("01_import")

@@ -13,8 +13,9 @@ import torch
 
 from kolors_lib.core.compat import patch_torchvision
 from kolors_lib.core.config import Config
-from kolors_lib.core.errors import ModelUnavailableError
-from kolors_lib.core.hub import hub_endpoint, hub_reachable
+from kolors_lib.core.console import step_log
+from kolors_lib.core.downloads import Pattern, fetch_repo, hub_listing, human_size, recorded_copy
+from kolors_lib.core.errors import DownloadError, ModelUnavailableError
 from kolors_lib.core.settings import ModelSource
 
 # The UNet as ComfyUI-KwaiKolorsWrapper (diffusers variant="fp16") and the course load it: 5 GB,
@@ -29,13 +30,23 @@ REQUIRED_FILES = {
     "aesthetic": ("config.json",),
     "captioner": ("config.json", "preprocessor_config.json", "tokenizer_config.json", "generation_config.json"),
 }
-ALLOW_PATTERNS = {
-    # the fp16 UNet only (the VAE's fp16 variant and the pipeline's own tokenizer folder are not needed)
-    "kolors": ["model_index.json", "scheduler/*", "unet/config.json", UNET_FP16,
-               "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/*"],
+# the models `python -m kolors_lib models` fetches (watermark and nsfw are never downloaded)
+DOWNLOADED = ("kolors", "vae_fp16_fix", "aesthetic", "captioner")
+ALLOW_PATTERNS: dict[str, list[Pattern]] = {
+    # only what the course (and the ComfyUI wrapper) loads: the fp16 UNet, not the 10 GB fp32 one (a tuple takes
+    # the first the hub has); not the fp16 VAE, the pipeline's own tokenizer/ folder, ChatGLM's .py files, imgs/
+    "kolors": ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", (UNET_FP16, UNET_FP32),
+               "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+               "text_encoder/pytorch_model*.bin", "text_encoder/pytorch_model.bin.index.json",
+               "text_encoder/tokenizer.model", "text_encoder/tokenizer_config.json", "text_encoder/vocab.txt"],
     "vae_fp16_fix": ["config.json", "diffusion_pytorch_model.safetensors"],
-    "aesthetic": None,
-    "captioner": None,
+    # one copy of the weights (safetensors when the repo has it), the CLIP processor's files
+    "aesthetic": ["config.json", ("model.safetensors", "pytorch_model.bin"), "preprocessor_config.json",
+                  "merges.txt", "vocab.json", "special_tokens_map.json", "tokenizer_config.json"],
+    "captioner": ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                  "preprocessor_config.json", "chat_template.json", "chat_template.jinja", "tokenizer.json",
+                  "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                  "special_tokens_map.json"],
 }
 
 
@@ -84,29 +95,44 @@ def resolve_model(cfg: Config, key: str) -> Path:
             raise ModelUnavailableError(
                 f"{source.model_id}: local folder {folder} is incomplete, missing {', '.join(missing)}")
         return folder
-    return download_model(source.model_id, key, cfg.models.cache_dir or cfg.models_dir / "modelscope")
+    with step_log(cfg, "00_models"):  # the client's own log lines go to the log, the bars to the console
+        return download_model(source.model_id, key, model_cache(cfg))
+
+
+def model_cache(cfg: Config) -> Path:
+    """Where ModelScope downloads go: models.cache_dir, else <workdir>/models/modelscope."""
+    return Path(cfg.models.cache_dir or cfg.models_dir / "modelscope")
 
 
 def download_model(model_id: str, key: str, cache_dir: Path) -> Path:
-    """snapshot_download from ModelScope; reuse a complete cached copy without network."""
-    from modelscope import snapshot_download
-
-    cached = Path(cache_dir) / model_id
-    if cached.is_dir() and not _missing(cached, key):
-        return cached
-    if not hub_reachable():
-        raise ModelUnavailableError(
-            f"cannot download {model_id}: ModelScope ({hub_endpoint()})"
-            f" is not reachable from this machine. Download it elsewhere, then {_override_hint(key)}; "
-            f"or use the 'tiny' profile to run offline.")
-    try:
-        folder = Path(snapshot_download(model_id, cache_dir=str(cache_dir), allow_patterns=ALLOW_PATTERNS[key]))
-    except OSError as err:
-        raise ModelUnavailableError(f"download of {model_id} failed ({err}); {_override_hint(key)}") from None
+    """The files of `key`'s allow list from ModelScope; a complete local copy is used without the network."""
+    folder = fetch_repo(model_id, cache_dir, ALLOW_PATTERNS[key], _override_hint(key),
+                        complete=lambda f: not _missing(f, key))
     missing = _missing(folder, key)
     if missing:
-        raise ModelUnavailableError(f"{model_id}: download in {folder} lacks {', '.join(missing)}")
+        raise DownloadError(f"{model_id}: download in {folder} lacks {', '.join(missing)}; {_override_hint(key)}")
     return folder
+
+
+def download_plan(cfg: Config, keys: tuple[str, ...]) -> list[str]:
+    """What `models --dry-run` prints: per model, the files its allow list takes with the hub's sizes; the total."""
+    lines, total = [], 0
+    for key in keys:
+        source: ModelSource = getattr(cfg.models, key)
+        if source.local_dir is not None:
+            lines.append(f"{source.model_id}: local folder {source.local_dir} (models.{key}.local_dir), no download")
+            continue
+        patterns: list[Pattern] = ALLOW_PATTERNS[key]
+        if recorded_copy(model_cache(cfg), source.model_id, patterns) is not None:
+            lines.append(f"{source.model_id}: already downloaded in {model_cache(cfg)}, no download")
+            continue
+        files = hub_listing(source.model_id, patterns, _override_hint(key))
+        size = sum(f.size for f in files)
+        total += size
+        lines.append(f"{source.model_id}: {len(files)} files, {size:,} bytes ({human_size(size)})")
+        lines.extend(f"  {f.size:>15,}  {f.path}" for f in files)
+    lines.append(f"total to download: {total:,} bytes ({human_size(total)})")
+    return lines
 
 
 def ensure_tiny_models(cfg: Config) -> dict[str, Path]:
