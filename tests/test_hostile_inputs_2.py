@@ -332,6 +332,8 @@ def test_score_skips_images_too_small_for_the_predictor(work: dict[str, Path], t
     reasons = {r["file"]: r["reason"] for r in report["unreadable"]}
     assert set(reasons) == {"a_tiny.png", "sliver.png"} and "too small" in reasons["a_tiny.png"], reasons
     assert report["mean_over"]["panels"] == 1 and math.isfinite(report["mean"])
+    line = _one_error_line(_tiny(work, "score", str(folder), "--gate", "nan"))
+    assert "gate must be a finite number, not nan" in line, line
 
 
 # ---------------------------------------------------------------- untried before: odd work dirs, repo ids

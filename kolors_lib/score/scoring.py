@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kolors_lib.core.checks import finite
 from kolors_lib.core.config import MANIFEST_FILE, SCORES_CSV, SCORES_JSON, Config
 from kolors_lib.core.console import logged_step
 from kolors_lib.core.console import progress as tqdm  # finished bars in saved notebooks
@@ -367,6 +368,7 @@ def score_folder(
     if folder == cfg.storyboard_dir and not folder.is_dir():
         raise ScoreError(f"the storyboard {folder} is missing: run step 04 (python -m kolors_lib storyboard "
                          f"--workdir {cfg.workdir}) first, or give a folder of images to score")
+    gate = finite(cfg.score.gate if gate is None else gate, "gate")  # nan would fail every board silently
     images, others = _list_folder(folder)
     check_board(folder)
     if not images:
@@ -396,7 +398,7 @@ def score_folder(
     result = ScoreResult(
         folder=folder, scores=scores, panels=panels, excluded=[n for n in images if not is_panel(n, non_panel)],
         unreadable=unreadable, mean=sum(scores[n] for n in panels) / len(panels),
-        gate=float(cfg.score.gate if gate is None else gate), consistency=consistency,
+        gate=gate, consistency=consistency,
         consistency_to_others=to_others, least_consistent=least, model_id=cfg.models.aesthetic.model_id,
         model_folder=model_folder, ignored=others, embeddings=embeds)
     if write:
