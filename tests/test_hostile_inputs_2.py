@@ -165,13 +165,13 @@ def _board(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _new_panel_since(folder: Path, start: float) -> bool:
-    """True once a panel_01.png written after `start` is anywhere under `folder` (staged folders included)."""
-    for path in folder.rglob("panel_01.png"):
+def _new_panel_since(workdir: Path, start: float) -> bool:
+    """True once a panel_01.png written after `start` is in the storyboard or a staged folder beside it."""
+    for folder in [workdir / "storyboard", *workdir.glob(".storyboard.*")]:
         try:
-            if path.stat().st_mtime > start:
+            if (folder / "panel_01.png").stat().st_mtime > start:
                 return True
-        except FileNotFoundError:  # renamed while we looked
+        except FileNotFoundError:  # not written yet, or renamed while we looked
             continue
     return False
 
@@ -199,7 +199,7 @@ def test_interrupted_storyboard_keeps_a_whole_board_and_score_checks_it(work: di
                                                                       tmp_path: Path) -> None:
     board = work["workdir"] / "storyboard"
     story = tmp_path / "story.yaml"
-    story.write_text("title: t\nscenes:\n" + "".join(f"  - {{prompt: a cat {i}, seed: {i}}}\n" for i in range(1, 5)),
+    story.write_text("title: t\nscenes:\n" + "".join(f"  - {{prompt: a cat {i}, seed: {i}}}\n" for i in range(1, 9)),
                      encoding="utf-8")
     first = _tiny(work, "storyboard", "--lora", str(work["lora"]), "--story", str(story))
     assert first.returncode == 0, first.stderr[-3000:]
