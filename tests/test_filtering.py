@@ -321,9 +321,9 @@ def test_nothing_left_raises_with_counts(tiny_cfg: Config) -> None:
     with pytest.raises(FilterError, match=r"nothing left.*image_shape_filter removed 2.*"
                                           r"image_aspect_ratio_filter removed 1"):
         filter_dataset(tiny_cfg)
-    report = json.loads((tiny_cfg.clean_dir / "report.json").read_text(encoding="utf-8"))
+    report = json.loads((tiny_cfg.clean_dir / "report.failed.json").read_text(encoding="utf-8"))
     assert report["kept"] == 0 and len(report["removed"]) == 3
-    assert not tiny_cfg.train_dir.exists()
+    assert not tiny_cfg.train_dir.exists() and not (tiny_cfg.clean_dir / "report.json").exists()
 
 
 # ---------------------------------------------------------------- Ray

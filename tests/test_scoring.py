@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def _storyboard(folder: Path, n: int = 4, outlier: int | None = None, grid: bool
         img.save(folder / f"panel_{i + 1:02d}.png")
     if grid:
         _checker(128).save(folder / "storyboard.png")
-    (folder / "manifest.json").write_text("{}")
+    panels = [{"file": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+              for p in sorted(folder.glob("panel_*.png"))]
+    (folder / "manifest.json").write_text(json.dumps({"panels": panels}))  # step 04's, as score checks it
     return folder
 
 
@@ -133,6 +136,7 @@ def test_planted_outlier_is_the_least_consistent(cfg: Config) -> None:
 
 def test_unreadable_files_are_reported_not_skipped(cfg: Config) -> None:
     folder = _storyboard(cfg.storyboard_dir, n=3)
+    (folder / "manifest.json").unlink()  # damaged panels: a folder of images, not a whole board
     (folder / "panel_04.png").write_bytes(b"")
     (folder / "panel_05.jpg").write_text("not an image")
     good = (folder / "panel_01.png").read_bytes()
@@ -154,6 +158,7 @@ def test_truncated_file_is_unreadable_even_when_pil_is_lenient(cfg: Config) -> N
     from PIL import ImageFile
 
     folder = _storyboard(cfg.storyboard_dir, n=2, grid=False)
+    (folder / "manifest.json").unlink()  # damaged panels: a folder of images, not a whole board
     good = (folder / "panel_01.png").read_bytes()
     (folder / "panel_03.png").write_bytes(good[: len(good) // 2])
     ImageFile.LOAD_TRUNCATED_IMAGES = True  # what Data-Juicer does at import
@@ -206,6 +211,7 @@ def test_figures(cfg: Config) -> None:
     from matplotlib.figure import Figure
 
     folder = _storyboard(cfg.storyboard_dir, n=5)
+    (folder / "manifest.json").unlink()  # damaged panels: a folder of images, not a whole board
     (folder / "panel_06.png").write_bytes(b"")
     result = score_folder(cfg, write=False)
     assert result.csv_path is None and not cfg.scores_dir.exists()

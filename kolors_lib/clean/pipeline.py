@@ -213,6 +213,9 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
+FAILED_REPORT = "report.failed.json"  # the report of a run that kept nothing (the previous pair stays)
+
+
 def write_train_dir(cfg: Config, kept: list[RawItem]) -> Path:
     """Copy the kept images and write `metadata.csv` into a fresh folder, then swap it in."""
     with staged_folder(cfg.train_dir) as tmp:
@@ -230,12 +233,13 @@ def write_train_dir(cfg: Config, kept: list[RawItem]) -> Path:
     return cfg.train_dir
 
 
-def write_report(clean_dir: Path, report: dict[str, Any]) -> Path:
-    """Write `report.json` and `removed.csv` (same rows) atomically."""
+def write_report(clean_dir: Path, report: dict[str, Any], name: str = "report.json") -> Path:
+    """Write `report.json` and `removed.csv` (same rows) atomically; a failed run's report goes to `name` alone."""
     clean_dir.mkdir(parents=True, exist_ok=True)
-    rows = [["" if r.get(c) is None else r[c] for c in REMOVED_COLUMNS] for r in report["removed"]]
-    write_text(clean_dir / "removed.csv", _csv_text(REMOVED_COLUMNS, rows))
-    return write_json(report, clean_dir / "report.json")
+    if name == "report.json":
+        rows = [["" if r.get(c) is None else r[c] for c in REMOVED_COLUMNS] for r in report["removed"]]
+        write_text(clean_dir / "removed.csv", _csv_text(REMOVED_COLUMNS, rows))
+    return write_json(report, clean_dir / name)
 
 
 # ---------------------------------------------------------------- the step
@@ -323,18 +327,20 @@ def filter_dataset(cfg: Config, recipe: Path | None = None, executor: str | None
         **extra,
         "images": images,
     }
-    # the training folder first: a write that fails (full disk) then leaves the previous report and set as a pair
-    train_dir = write_train_dir(cfg, [by_id[i] for i in kept_ids]) if kept_ids else None
-    report_path = write_report(cfg.clean_dir, report)
-    if train_dir is None:
-        # a stale training set from an earlier run must not survive a run that keeps nothing
-        if cfg.train_dir.exists():
-            shutil.rmtree(cfg.train_dir)
+    if not kept_ids:
+        # a run that keeps nothing leaves the previous training set and its report as they were (a pair)
+        failed = write_report(cfg.clean_dir, report, FAILED_REPORT)
         counts = "; ".join(f"{o['op']} removed {o['removed']}" for o in ops)
+        kept = (f"the previous training set {cfg.train_dir} is kept as it was" if cfg.train_dir.exists()
+                else "no training set was written")
         raise FilterError(
             f"nothing left after filtering {report['input']} images ({counts}; {len(skipped)} unreadable): "
-            f"relax the recipe {recipe_path} or import more images (report: {report_path})"
+            f"relax the recipe {recipe_path} or import more images; {kept} (this run's report: {failed})"
         )
+    # the training folder first: a write that fails (full disk) then leaves the previous report and set as a pair
+    train_dir = write_train_dir(cfg, [by_id[i] for i in kept_ids])
+    report_path = write_report(cfg.clean_dir, report)
+    cfg.clean_dir.joinpath(FAILED_REPORT).unlink(missing_ok=True)
     return FilterResult(train_dir=train_dir, kept=len(kept_ids), removed=removed, ops=ops,
                         report_path=report_path, executor=executor, input=report["input"],
                         skipped=skipped, raw_dir=cfg.raw_dir, images=images)

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kolors_lib.core.errors import FilterError
+from kolors_lib.core.yaml_files import read_yaml_file
 
 __all__ = ["RawItem", "build_caption", "load_recipe", "op_name"]
 
@@ -56,12 +55,7 @@ def op_name(entry: Any) -> tuple[str, dict[str, Any]]:
 
 def load_recipe(path: Path) -> dict[str, Any]:
     """Read a Data-Juicer recipe YAML, with errors that name the file."""
-    try:
-        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FilterError(f"Data-Juicer recipe not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise FilterError(f"{path}: not valid YAML: {err}") from None
+    recipe = read_yaml_file(path, "Data-Juicer recipe", FilterError)
     if not isinstance(recipe, dict) or not isinstance(recipe.get("process"), list) or not recipe["process"]:
         raise FilterError(f"{path}: a Data-Juicer recipe needs a non-empty 'process' list")
     for entry in recipe["process"]:

@@ -21,6 +21,8 @@ from kolors_lib.cli.args import (
     build_tiny_parser,
     build_train_parser,
 )
+from kolors_lib.core.checks import finite, output_name
+from kolors_lib.core.checks import seed as checked_seed
 from kolors_lib.core.config import Config, load_config, read_yaml
 from kolors_lib.core.errors import ConfigError, CourseError, PublishError, os_error_line
 from kolors_lib.core.inputs import lora_file, train_metadata, training_overrides
@@ -111,7 +113,7 @@ def _tiny_kolors(args: argparse.Namespace) -> int:
         raise ConfigError("tiny-kolors --size full needs DIR: where to write the ~17 GB of random weights")
     cfg = _config(args) if args.dir is None else None
     folder = args.dir if cfg is None else cfg.tiny_models_dir  # where the tiny profile looks
-    seed = args.seed if args.seed is not None else (0 if cfg is None else cfg.seed)
+    seed = checked_seed(args.seed, "--seed") if args.seed is not None else (0 if cfg is None else cfg.seed)
     out = write_kolors(folder, seed=seed, overwrite=args.overwrite)
     print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
     return 0
@@ -198,6 +200,8 @@ def _storyboard(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        output_name(args.name, "--name")  # where anything is read or written
     cfg = _config(args)
     lora_file(args.lora, cfg)  # before torch and DiffSynth load (seconds)
     from kolors_lib.storyboard.storyboard import render
@@ -218,8 +222,9 @@ def _story(args: argparse.Namespace) -> int:
         draft_story,
     )
 
+    timeout = DEFAULT_TIMEOUT if args.timeout is None else finite(args.timeout, "--timeout", positive=True)
     result = draft_story(args.scenes, args.out, args.base_url or DEFAULT_BASE_URL, args.model or DEFAULT_MODEL,
-                         args.api_key_env or DEFAULT_KEY_ENV, args.timeout or DEFAULT_TIMEOUT, args.force)
+                         args.api_key_env or DEFAULT_KEY_ENV, timeout, args.force)
     if result.note:
         print(f"note: {result.note}; wrote a story composed from the template's rules instead", file=sys.stderr)
     print(f"story: {result.path} ({'drafted by the LLM' if result.source == 'llm' else 'from the template rules'})")
@@ -274,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: every step writes through staged folders and atomic files
+        print(f"interrupted: {args.command} stopped; its previous outputs are kept as they were", file=sys.stderr)
+        return 130
     except CourseError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)
         return 2

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kolors_lib.core.checks import check_config
 from kolors_lib.core.errors import ConfigError
 from kolors_lib.core.settings import (
@@ -24,6 +22,7 @@ from kolors_lib.core.settings import (
     ScoreConfig,
     TrainConfig,
 )
+from kolors_lib.core.yaml_files import quote, read_yaml_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -269,20 +268,19 @@ def _absolutize(data: dict[str, Any], base: Path) -> None:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read one YAML mapping (relative paths made absolute), with an error that names the file."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder: pass a config YAML file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (not UTF-8): pass a config YAML file") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    data = read_yaml_file(path, "config", ConfigError) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     _absolutize(data, Path(path).resolve().parent)
     return data
+
+
+def _layers(data: dict[str, Any], profile: str, path: Path) -> tuple[list[dict[str, Any]], set[str]]:
+    """One file's layers for `profile` (its base values, then its `profiles.<profile>`) and its profile names."""
+    profiles = data.pop("profiles", None) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{path}: 'profiles' must be a mapping of profile name -> settings")
+    return [data, profiles.get(profile) or {}], set(profiles)
 
 
 _SECTIONS = {"models": ModelsConfig, "data": DataConfig, "filter": FilterConfig, "lora": LoraConfig,
@@ -345,23 +343,29 @@ def load_config(
     workdir: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Load `path` (default configs/default.yaml), apply a profile, then `overrides` (see nest_overrides).
+    """Load `path` (default configs/default.yaml) for a profile, then `overrides` (see nest_overrides).
+
+    Precedence, lowest first: default.yaml, its `profiles.<profile>`, the user's file `path` (then its own
+    `profiles.<profile>`, if it has one), `overrides` (the CLI flags). `inherit: false` in a user file
+    leaves default.yaml out. The merged result is checked (check_config); errors name `path` and the key.
 
     The one override route: every setting can be changed by a nested dict ({"train": {"steps": 5}}) or a
     dotted key ({"train.steps": 5}); a wrong name fails with an error naming the override.
     """
     overrides = nest_overrides(overrides)
     path = Path(path) if path else DEFAULT_CONFIG
-    raw = read_yaml(path)
-    # a user's config file only needs the keys it changes
-    if raw.pop("inherit", True) and path.resolve() != DEFAULT_CONFIG.resolve():
-        raw = deep_merge(read_yaml(DEFAULT_CONFIG), raw)
-    profiles = raw.pop("profiles", {}) or {}
+    user = read_yaml(path)
     name = resolve_profile(profile)
-    if name not in profiles and name != "full":
+    layers, defined = _layers(user, name, path)
+    # a user's config file only needs the keys it changes: it is layered over default.yaml and its profile
+    if user.pop("inherit", True) and path.resolve() != DEFAULT_CONFIG.resolve():
+        base, names = _layers(read_yaml(DEFAULT_CONFIG), name, DEFAULT_CONFIG)
+        layers, defined = base + layers, defined | names
+    if name not in defined and name != "full":
         raise ConfigError(f"{path}: profile {name!r} is not defined under 'profiles'")
-    merged = deep_merge(raw, profiles.get(name) or {})
-    merged = deep_merge(merged, overrides)
+    merged: dict[str, Any] = {}
+    for layer in (*layers, overrides):  # default.yaml < its profile < the user's file (< its profile) < overrides
+        merged = deep_merge(merged, layer)
     return _from_dict(merged, name, path.resolve().parent, workdir, path)
 
 
@@ -372,6 +376,8 @@ def _from_dict(
     data = dict(data)
     default_wd = data.pop("workdir", None) or "workdir"
     wd = Path(workdir).expanduser().resolve() if workdir else _path(default_wd, base)
+    if wd.exists() and not wd.is_dir():
+        raise ConfigError(f"the work dir {wd} is a file: give a folder (it is created when missing)")
     models_raw = dict(data.pop("models", {}) or {})
     cache = _path(models_raw.pop("cache_dir", None), base, wd)
     sources = {}
@@ -387,10 +393,10 @@ def _from_dict(
     filt = _build(FilterConfig, data.pop("filter", {}) or {}, f"{where}: filter")
     filt.recipe = _path(filt.recipe, base, wd) or Path(default_setting("filter", "recipe"))
     if filt.executor not in ("default", "ray"):
-        raise ConfigError(f"{where}: filter.executor must be 'default' or 'ray', not {filt.executor!r}")
+        raise ConfigError(f"{where}: filter.executor must be 'default' or 'ray', not {quote(filt.executor)}")
     if filt.caption_mode not in CAPTION_MODES:
         raise ConfigError(f"{where}: filter.caption_mode must be one of {', '.join(CAPTION_MODES)}, "
-                          f"not {filt.caption_mode!r}")
+                          f"not {quote(filt.caption_mode)}")
     lora = _build(LoraConfig, data.pop("lora", {}) or {}, f"{where}: lora")
     train = _build(TrainConfig, data.pop("train", {}) or {}, f"{where}: train")
     gen = _build(GenerateConfig, data.pop("generate", {}) or {}, f"{where}: generate")

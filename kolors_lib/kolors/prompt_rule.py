@@ -30,6 +30,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from kolors_lib.core.yaml_files import quote
+
 FRAMINGS = ("全身", "上半身")
 SEP = "，"  # the camp's prompts join their parts with a full-width comma
 STORY_KEYS = ("style", "characters")  # top-level keys this module adds to the story file
@@ -95,13 +97,13 @@ def _compose_scene(scene: dict[str, Any], where: str, style: str, sheet: dict[st
     for key in _TEXT_PARTS:
         text = _text(scene.get(key))
         if text is None:
-            problems.append(f"{where}: {key} must be text, not {scene.get(key)!r}")
+            problems.append(f"{where}: {key} must be text, not {quote(scene.get(key))}")
         texts[key] = text or ""
     if not texts["action"]:
         problems.append(f"{where}: action is empty or missing (who does what)")
     framing = scene.get("framing")
     if framing not in FRAMINGS:
-        problems.append(f"{where}: framing must be {' or '.join(FRAMINGS)}, not {framing!r}")
+        problems.append(f"{where}: framing must be {' or '.join(FRAMINGS)}, not {quote(framing)}")
         framing = ""
     used = list(dict.fromkeys(n for key in _TEXT_PARTS for n in placeholders(texts[key])))
     listed = scene.get("characters", used)
@@ -132,7 +134,7 @@ def compose_story(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     out = dict(raw)
     style = _text(raw.get("style"))
     if style is None:
-        problems.append(f"style must be text, not {raw.get('style')!r}")
+        problems.append(f"style must be text, not {quote(raw.get('style'))}")
         style = ""
     sheet = _sheet(raw, problems)
     scenes = raw.get("scenes")

@@ -10,17 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kolors_lib.core.checks import MAX_SIDE, SIZE_MULTIPLE, image_side
+from kolors_lib.core.checks import MAX_SIDE, SIZE_MULTIPLE, image_side, integer
+from kolors_lib.core.checks import seed as checked_seed
 from kolors_lib.core.config import N_PANELS, Config
 from kolors_lib.core.errors import ConfigError, StoryError
+from kolors_lib.core.yaml_files import quote, read_yaml_file
 from kolors_lib.kolors import prompt_rule
 
 N_SCENES = N_PANELS
 STORY_KEYS = ("title", "negative", "cfg_scale", "steps", "width", "height", "scenes", *prompt_rule.STORY_KEYS)
 SCENE_KEYS = ("scene", "prompt", "seed", *prompt_rule.SCENE_KEYS)
-_MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -52,14 +51,7 @@ def _is_int(value: Any) -> bool:
 
 def _read_story_yaml(path: Path) -> dict[Any, Any]:
     """The story file's top-level mapping; a missing, unreadable or non-mapping file is a StoryError."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoryError(f"story file not found: {path}") from None
-    except IsADirectoryError:
-        raise StoryError(f"{path} is a folder: pass a story YAML file") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise StoryError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml_file(path, "story", StoryError)
     if not isinstance(raw, dict):
         raise StoryError(f"{path}: expected a mapping with a 'scenes' list at the top level")
     return raw
@@ -76,15 +68,15 @@ def _story_settings(raw: dict[Any, Any], problems: list[str]) -> dict[str, Any]:
         problems.append("'negative' must be a string")
     cfg_scale = settings["cfg_scale"]
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale > 0:
-        problems.append(f"cfg_scale must be a positive number, not {cfg_scale!r}")
+        problems.append(f"cfg_scale must be a positive number, not {quote(cfg_scale)}")
     if not _is_int(settings["steps"]) or settings["steps"] < 1:
-        problems.append(f"steps must be a positive integer, not {settings['steps']!r}")
+        problems.append(f"steps must be a positive integer, not {quote(settings['steps'])}")
     for key in ("width", "height"):
         value = settings[key]
         if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE or value > MAX_SIDE:
             problems.append(f"{key} must be a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_SIDE} "
                             f"(Kolors' UNet halves the 8x-downsampled latent 3 times; larger sides need far "
-                            f"more memory and time than the course plans for), not {value!r}")
+                            f"more memory and time than the course plans for), not {quote(value)}")
     return settings
 
 
@@ -101,8 +93,10 @@ def _read_scene(number: int, item: Any, problems: list[str]) -> Scene | None:
     if not isinstance(prompt, str) or not prompt.strip():
         problems.append(f"{where}: prompt is empty or missing")
     seed = item.get("seed")
-    if not _is_int(seed) or not 0 <= seed <= _MAX_SEED:
-        problems.append(f"{where}: seed must be an integer in [0, 2**63), not {seed!r}")
+    try:
+        checked_seed(seed)
+    except ConfigError as err:
+        problems.append(f"{where}: {err}")
     caption = item.get("scene", "")
     return Scene(str(caption or f"scene {number}"), str(prompt or "").strip(), seed)
 
@@ -163,8 +157,7 @@ def render_settings(cfg: Config, story: Story) -> RenderSettings:
     width, height = gen.width or story.width, gen.height or story.height
     for key, value in (("width", width), ("height", height)):
         image_side(value, f"generate.{key}")
-    if not _is_int(steps) or steps < 1:
-        raise ConfigError(f"generate.steps must be a positive integer, not {steps!r}")
+    integer(steps, "generate.steps")
     return RenderSettings(story.negative, story.cfg_scale, steps, width, height)
 
 

@@ -21,18 +21,20 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolors_lib.core.config import SCORES_CSV, SCORES_JSON, Config
+from kolors_lib.core.checks import finite
+from kolors_lib.core.config import MANIFEST_FILE, SCORES_CSV, SCORES_JSON, Config
 from kolors_lib.core.console import logged_step
 from kolors_lib.core.console import progress as tqdm  # finished bars in saved notebooks
 from kolors_lib.core.device_plan import device_plan
 from kolors_lib.core.devices import resolve_device
 from kolors_lib.core.errors import ScoreError
-from kolors_lib.core.files import write_json, write_text
+from kolors_lib.core.files import sha256_file, write_json, write_text
 from kolors_lib.core.lock import one_writer
 
 if TYPE_CHECKING:
@@ -41,13 +43,17 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "NON_PANEL_PREFIXES", "ScoreResult", "is_panel", "score_folder", "write_scores"]
+__all__ = ["IMAGE_EXTENSIONS", "NON_PANEL_PREFIXES", "ScoreResult", "check_board", "is_panel", "score_folder",
+           "write_scores"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # step 04 writes the grid as storyboard.png and LoRA-strength sweeps as sweep_*.png next to the panels
 NON_PANEL_PREFIXES = ("storyboard", "sweep")
 CSV_COLUMNS = ["file", "score", "consistency_to_others", "panel", "error"]
 DIGITS = 6  # rounding in the written files: keeps them stable across BLAS/batch-size noise
+# the predictor's processor scales the shorter side up to its crop (224 px); below this there is nothing to
+# see, and an image 1 or 3 pixels wide is even taken for a channel axis by the processor
+MIN_SIDE = 16
 
 
 @dataclass
@@ -209,11 +215,18 @@ def _read_image(path: Path) -> Image.Image:
     try:
         with _strict_pil(), Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not inside the processor
+            if min(img.size) < MIN_SIDE:
+                raise ValueError(f"too small for the aesthetic predictor: {img.width}x{img.height} pixels "
+                                 f"(at least {MIN_SIDE} a side)")
             # the processor would also convert; doing it here keeps the pixels identical either way
             return img.convert("RGB")
     except Image.DecompressionBombError as err:
         raise ValueError(f"too many pixels: {err}") from None
-    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+    except (OSError, SyntaxError) as err:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot decode as an image: {err}") from None
+    except ValueError as err:
+        if str(err).startswith("too small"):
+            raise
         raise ValueError(f"cannot decode as an image: {err}") from None
 
 
@@ -304,7 +317,7 @@ def _score_images(folder: Path, images: list[str], model: Any, processor: Any, d
                 except ValueError as err:
                     unreadable.append({"file": name, "reason": str(err), "panel": is_panel(name, non_panel)})
             if batch:
-                inputs = processor(images=pixels, return_tensors="pt")
+                inputs = processor(images=pixels, return_tensors="pt", input_data_format="channels_last")
                 with torch.no_grad():
                     out = model(pixel_values=inputs["pixel_values"].to(dev))
                 for i, name in enumerate(batch):
@@ -312,6 +325,25 @@ def _score_images(folder: Path, images: list[str], model: Any, processor: Any, d
                     embeds[name] = out.hidden_states[i].detach().float().cpu()  # already L2-normalised
             bar.update(len(images[start:start + batch_size]))
     return scores, embeds, unreadable
+
+
+def check_board(folder: Path) -> None:
+    """A storyboard folder (one with step 04's manifest.json) must hold exactly the panels its manifest lists,
+    byte for byte (sha256): otherwise the mean would score a board nobody rendered."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return
+    try:
+        listed = {p["file"]: p["sha256"] for p in json.loads(path.read_text(encoding="utf-8"))["panels"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ScoreError(f"{path} is not step 04's manifest ({type(err).__name__}): re-run step 04") from None
+    panels = {p.name for p in folder.glob("panel_*.png")}
+    wrong = sorted(panels ^ set(listed)) + sorted(n for n in panels & set(listed)
+                                                  if sha256_file(folder / n) != listed[n])
+    if wrong:
+        raise ScoreError(f"{folder}: {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''} do(es) not match "
+                         f"{MANIFEST_FILE} (missing, extra or changed since step 04 wrote it): re-run step 04, "
+                         "or score a folder of images without a manifest")
 
 
 @logged_step("05_score")
@@ -336,7 +368,9 @@ def score_folder(
     if folder == cfg.storyboard_dir and not folder.is_dir():
         raise ScoreError(f"the storyboard {folder} is missing: run step 04 (python -m kolors_lib storyboard "
                          f"--workdir {cfg.workdir}) first, or give a folder of images to score")
+    gate = finite(cfg.score.gate if gate is None else gate, "gate")  # nan would fail every board silently
     images, others = _list_folder(folder)
+    check_board(folder)
     if not images:
         extra = f" (only non-image files: {', '.join(others)})" if others else ""
         raise ScoreError(f"no image files to score in {folder}{extra}")
@@ -364,7 +398,7 @@ def score_folder(
     result = ScoreResult(
         folder=folder, scores=scores, panels=panels, excluded=[n for n in images if not is_panel(n, non_panel)],
         unreadable=unreadable, mean=sum(scores[n] for n in panels) / len(panels),
-        gate=float(cfg.score.gate if gate is None else gate), consistency=consistency,
+        gate=gate, consistency=consistency,
         consistency_to_others=to_others, least_consistent=least, model_id=cfg.models.aesthetic.model_id,
         model_folder=model_folder, ignored=others, embeddings=embeds)
     if write:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kolors_lib.core.checks import finite
 from kolors_lib.core.errors import DraftError
 from kolors_lib.core.files import atomic_path
 from kolors_lib.kolors.story import N_SCENES, load_story
@@ -212,6 +213,7 @@ def draft_story(scenes_file: str | Path, out: str | Path | None = None, base_url
                 model: str = DEFAULT_MODEL, api_key_env: str = DEFAULT_KEY_ENV, timeout: float = DEFAULT_TIMEOUT,
                 force: bool = False) -> DraftResult:
     """Draft a story file from a scene list with the LLM, or from the template's rules when it cannot."""
+    timeout = finite(timeout, "timeout", positive=True)  # 0 or nan would wait the client's default, or fail
     scenes_file = Path(scenes_file)
     scenes = read_scenes(scenes_file)
     out = Path(out) if out is not None else default_out(scenes_file)

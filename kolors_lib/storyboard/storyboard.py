@@ -27,6 +27,8 @@ live in :mod:`kolors_lib.kolors.renderer` (importable from here too).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,12 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kolors_lib.core.checks import SIZE_MULTIPLE, finite, image_side
+from kolors_lib.core.checks import SIZE_MULTIPLE, finite, image_side, integer, output_name
+from kolors_lib.core.checks import seed as checked_seed
 from kolors_lib.core.config import GRID_FILE, LORA_FILE, MANIFEST_FILE, Config, panel_file
 from kolors_lib.core.console import logged_step
 from kolors_lib.core.devices import resolve_device
 from kolors_lib.core.errors import ConfigError, LoraMismatchError, MissingInputError, StoryError
-from kolors_lib.core.files import atomic_path, sha256_file, write_json
+from kolors_lib.core.files import atomic_path, sha256_file, staged_folder, write_json
 from kolors_lib.core.images import find_cjk_font
 from kolors_lib.core.lock import one_writer
 from kolors_lib.kolors.renderer import (
@@ -191,13 +194,23 @@ def _storyboard_manifest(cfg: Config, story: Story, settings: RenderSettings, lo
     }
 
 
-def _drop_stale_panels(cfg: Config, count: int) -> None:
-    """Remove step 04's own panel files beyond this story's `count` (a longer story's), so the score
-    of step 05 and the samples of step 06 never mix two renders."""
-    number = count + 1
-    while (stale := cfg.storyboard_dir / panel_file(number)).is_file():
-        stale.unlink()
-        number += 1
+def _board_file(name: str) -> bool:
+    """True for the files a storyboard render owns (panels, grid, manifest): a new render replaces them all."""
+    return name in (MANIFEST_NAME, GRID_NAME) or (name.startswith("panel_") and name.endswith(".png"))
+
+
+def _keep_others(old: Path, stage: Path) -> None:
+    """Hard-link into the staged board what other calls keep in the folder (sweeps, refined, candidates...),
+    so the swap replaces only the board's own files and the old folder stays whole until then."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if _board_file(entry.name) or (stage / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, stage / entry.name, symlinks=True, copy_function=os.link)
+        else:
+            os.link(entry, stage / entry.name, follow_symlinks=False)
 
 
 @logged_step("04_storyboard")
@@ -209,8 +222,7 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
 
     candidates > 1 (default generate.candidates): best-of-N seeds per scene, see kolors_lib/selection.py.
     """
-    from kolors_lib.core.console import progress as tqdm
-    from kolors_lib.storyboard.selection import choose_seeds, draft_budget
+    from kolors_lib.storyboard.selection import draft_budget
 
     start = time.monotonic()
     story = load_story(story_path or cfg.generate.story)  # before any model is loaded
@@ -222,11 +234,30 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
         show(plan.cost_line(len(story.scenes)))  # before minutes of model loading
     strength = checked_strength(cfg.generate.strength if strength is None else strength)
     prompts = [with_trigger(s.prompt, trigger_word(cfg)) for s in story.scenes]
-    out = cfg.storyboard_dir
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.manifest_path.unlink(missing_ok=True)  # never leave a manifest describing other panels
-    _drop_stale_panels(cfg, len(story.scenes))
     lora, renderer = prepare_renderer(cfg, lora_path, prompts, [settings.negative])
+    # the new board is built beside the old one and swapped in whole at the end: an error, Ctrl-C or a
+    # kill leaves the old board (panels, grid, manifest) as it was, never a mix of two renders
+    with staged_folder(cfg.storyboard_dir) as stage:
+        panels, grid, manifest = _render_board(cfg, story, settings, plan, lora, renderer, prompts, strength,
+                                               stage, progress)
+        _keep_others(cfg.storyboard_dir, stage)
+    out = cfg.storyboard_dir
+    return StoryboardResult(out, [out / p.name for p in panels], out / grid.name, out / manifest.name, prompts,
+                            strength, time.monotonic() - start, dict(renderer.peak_memory), _font(story))
+
+
+def _font(story: Story) -> Path | None:
+    """A font with every glyph of the story's title and scene captions (None: ASCII captions)."""
+    return find_cjk_font(story.title + "".join(s.scene for s in story.scenes))
+
+
+def _render_board(cfg: Config, story: Story, settings: RenderSettings, plan: Any, lora: LoraSpec,
+                  renderer: KolorsRenderer, prompts: list[str], strength: float, out: Path,
+                  progress: bool) -> tuple[list[Path], Path, Path]:
+    """Render the panels, the grid and the manifest into `out` (the staged folder); returns their paths."""
+    from kolors_lib.core.console import progress as tqdm
+    from kolors_lib.storyboard.selection import choose_seeds
+
     LoraMerger(renderer.unet, lora).set(strength)
     selection = None
     if plan.candidates > 1:  # best-of-N: draft, score and choose one seed per scene
@@ -239,16 +270,14 @@ def render_storyboard(cfg: Config, story_path: str | Path | None = None, strengt
                                 settings.width, settings.height)
         panels.append(save_png(image, out / panel_file(number)))
 
-    font = find_cjk_font(story.title + "".join(s.scene for s in story.scenes))
+    font = _font(story)
     title = story.title if font is not None or story.title.isascii() else (story.path.stem if story.path else "")
     drawn = [Scene(s.scene, s.prompt, seed) for s, seed in zip(story.scenes, seeds, strict=True)]
     grid = save_figure(grid_figure(panels, panel_captions(drawn, font), title=title, font=font,
-                                   cols=min(4, len(panels))), cfg.grid_path)
+                                   cols=min(4, len(panels))), out / GRID_NAME)
     manifest = _storyboard_manifest(cfg, story, settings, lora, strength, renderer, panels, prompts, grid, seeds,
                                     selection)
-    manifest_path = write_json(manifest, cfg.manifest_path)
-    return StoryboardResult(out, panels, grid, manifest_path, prompts, strength, time.monotonic() - start,
-                            dict(renderer.peak_memory), font)
+    return panels, grid, write_json(manifest, out / MANIFEST_NAME)
 
 
 def reproduce(manifest_path: str | Path, index: int, out_path: str | Path | None = None,
@@ -362,13 +391,16 @@ def render(cfg: Config, prompt: str, strengths: Sequence[float] | None = None, s
         raise StoryError("render needs a non-empty prompt")
     settings = render_settings(cfg, load_story(cfg.generate.story, count_notice=False))
     strengths = [checked_strength(s) for s in ([cfg.generate.strength] if strengths is None else strengths)]
-    seeds = [int(s) for s in ([cfg.seed] if seeds is None else seeds)]
+    seeds = [checked_seed(s) for s in ([cfg.seed] if seeds is None else seeds)]
     if not strengths or not seeds:
         raise ConfigError("render needs at least one strength and one seed")
+    if name is not None:
+        output_name(name, "render name")
     width = image_side(width or settings.width, "width")
     height = image_side(height or settings.height, "height")
     negative = settings.negative if negative is None else negative
-    steps, cfg_scale = steps or settings.steps, settings.cfg_scale if cfg_scale is None else cfg_scale
+    steps = settings.steps if steps is None else integer(steps, "steps")
+    cfg_scale = settings.cfg_scale if cfg_scale is None else cfg_scale
     prompt = with_trigger(prompt, trigger_word(cfg))
     folder = cfg.renders_dir / (name or _render_name(prompt))
     lora, renderer = prepare_renderer(cfg, lora_path, [prompt], [negative])
@@ -425,9 +457,11 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     prompt = with_trigger(prompt.strip(), trigger_word(cfg))
     negative = settings.negative if negative is None else negative
     strength = checked_strength(cfg.generate.strength if strength is None else strength)
+    seed = checked_seed(cfg.seed if seed is None else seed)
+    steps = settings.steps if steps is None else integer(steps, "steps")
     lora, renderer = prepare_renderer(cfg, lora_path, [prompt], [negative])
     LoraMerger(renderer.unet, lora).set(strength)
-    result = renderer.render(prompt, negative, cfg.seed if seed is None else seed, steps or settings.steps,
+    result = renderer.render(prompt, negative, seed, steps,
                              settings.cfg_scale if cfg_scale is None else cfg_scale, width, height,
                              input_image=img, denoising_strength=float(denoise))
     out = Path(out_path) if out_path else cfg.storyboard_dir / "refined" / f"{image_path.stem}_refined.png"

@@ -15,8 +15,8 @@ import torch
 from kolors_lib.core.compat import patch_torchvision
 from kolors_lib.core.config import Config, default_train
 from kolors_lib.core.device_plan import Plan, device_plan
-from kolors_lib.core.errors import NonFiniteLossError, TrainingError
-from kolors_lib.core.settings import LoraConfig, TrainConfig
+from kolors_lib.core.errors import ConfigError, NonFiniteLossError, TrainingError
+from kolors_lib.core.settings import TARGET_PRESETS, LoraConfig, TrainConfig
 from kolors_lib.kolors.architecture import NUM_TRAIN_TIMESTEPS, kolors_scheduler
 from kolors_lib.train.optim import (
     ema_state,
@@ -57,6 +57,22 @@ def inject_lora(unet: torch.nn.Module, lora: LoraConfig, init: str = "gaussian")
         if param.requires_grad:
             param.data = param.to(torch.float32)
     return unet
+
+
+def check_target_modules(cfg: Config) -> list[str]:
+    """lora.target_modules, each matching a layer of the profile's UNet as peft matches them (a name or a
+    dotted suffix); checked on the meta-device skeleton before any encoding or training."""
+    from kolors_lib.kolors.models import kolors_paths, unet_skeleton
+
+    layers = [name for name, module in unet_skeleton(kolors_paths(cfg).unet).named_modules()
+              if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
+    targets = list(cfg.lora.target_modules)
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in layers)]
+    if unknown or not targets:
+        raise ConfigError(f"lora.target_modules: {', '.join(unknown) or 'an empty list'} matches no layer of the "
+                          f"UNet: use a preset ({', '.join(TARGET_PRESETS)}) or layer names such as "
+                          f"{', '.join(TARGET_PRESETS['all_linear'])}")
+    return targets
 
 
 def load_unet(cfg: Config, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:

@@ -36,7 +36,7 @@ patch_torchvision()  # lightning imports torchvision (via torchmetrics); must co
 
 import lightning as L  # noqa: E402
 
-from kolors_lib.train.lora_module import KolorsLoraModule  # noqa: E402
+from kolors_lib.train.lora_module import KolorsLoraModule, check_target_modules  # noqa: E402
 from kolors_lib.train.report import TrainResult, lora_metadata, option_values, truncate_loss_csv  # noqa: E402
 from kolors_lib.train.validation import ValidationCallback, ValidationSet, split_samples, truncate_val_csv  # noqa: E402
 
@@ -247,6 +247,7 @@ def train_lora(cfg: Config, *, resume: bool = True, callbacks: Iterable[L.Callba
                **overrides: Any) -> TrainResult:
     """Cache encodings, train the LoRA with Lightning, checkpoint/resume, write kolors_lora.safetensors."""
     cfg = training_overrides(cfg, overrides)
+    check_target_modules(cfg)  # a layer name peft would not find fails now, not after the cache is built
     t = cfg.train
     begin = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
