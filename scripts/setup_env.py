@@ -35,9 +35,9 @@ from typing import TextIO
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "workdir" / "setup"
 DEFAULT_TORCH = "2.13.0"
-# Measured by `make setup-check` (tests/test_setup_env.py), see README "Running the course for real".
-TIME_NOTE = ("measured: about 1.5 min from this project's package mirror; downloading the ~1 GB of wheels "
-             "from PyPI adds about 2 min at 10 MB/s (estimate)")
+# Measured by `make setup-check` (README, "Running the course for real"): keep these figures in step with it.
+TIME_NOTE = ("measured: 4.3 min on a busy 2-core machine, 459 MB of wheels from PyPI and a local mirror; "
+             "a 2 MB/s link adds about 4 min to download them (estimate)")
 NO_GPU = ("WARNING: no NVIDIA GPU in this notebook. Training (step 03) and the real Kolors need a CUDA GPU "
           "(ModelScope: start a GPU instance; Colab: Runtime > Change runtime type > T4 GPU). On this CPU the "
           "'tiny' profile still runs every step, with a small random-weight Kolors, to learn the workflow.")
@@ -279,6 +279,8 @@ def pip(python: str, args: list[str], log: Path, tracker: InstallTracker | None 
                 tracker.poll()
                 status.show(*tracker.text())
     if proc.returncode:
+        if tracker and status:
+            status.show(*tracker.text(), final=True)  # end the progress line before the message
         errors = [x.strip() for x in out if x.startswith("ERROR")] or [x.strip() for x in out if x.strip()] or [""]
         raise SystemExit(f"pip failed (exit {proc.returncode}): {errors[-1]} Full log: {log}")
     return "".join(out)
@@ -323,7 +325,8 @@ def problems(python: str, log: Path) -> list[str]:
 
 
 def course_packages(dev: bool) -> set[str]:
-    """Every installed package the course's requirements need, directly or through others (with extras)."""
+    """Every package installed for this Python that the course's requirements need, directly or through others
+    (with extras)."""
     from packaging.requirements import Requirement  # installed by now: transformers needs it
 
     importlib.invalidate_caches()
@@ -365,7 +368,8 @@ def in_use() -> set[str]:
 
 def remove_conflicts(python: str, image: dict[str, str], before: list[str], dev: bool, log: Path) -> dict[str, str]:
     """Uninstall the image's packages that `pip check` says the install broke and that neither the course
-    nor this running Python uses; returns {package: the requirement it had}. Repeats while that frees more."""
+    nor this running Python uses (both read from this Python's metadata: `python` is the one running this, or one
+    whose packages those do not concern); returns {package: the requirement it had}. Repeats while that frees more."""
     removed: dict[str, str] = {}
     keep = course_packages(dev) | in_use()
     for _ in range(5):
