@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "workdir" / "setup"
 DEFAULT_TORCH = "2.13.0"
 # Measured by `make setup-check` (README, "Running the course for real"): keep these figures in step with it.
-TIME_NOTE = ("measured: 4.3 min on a busy 2-core machine, 459 MB of wheels from PyPI and a local mirror; "
+TIME_NOTE = ("measured: 1-5 min on a 2-core machine, 459 MB of wheels from PyPI and a local mirror; "
              "a 2 MB/s link adds about 4 min to download them (estimate)")
 NO_GPU = ("WARNING: no NVIDIA GPU in this notebook. Training (step 03) and the real Kolors need a CUDA GPU "
           "(ModelScope: start a GPU instance; Colab: Runtime > Change runtime type > T4 GPU). On this CPU the "

@@ -179,8 +179,8 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # terminal control codes: esc
 
 def _texts(cell: dict) -> str:
     """Everything a saved code cell shows, as text."""
-    parts = [o.get("text", "") if o["output_type"] == "stream" else o.get("data", {}).get("text/plain", "")
-             for o in cell["outputs"]]
+    parts = [o.get("text", "") if o["output_type"] == "stream" else [*o.get("data", {}).get("text/plain", ""), "\n"]
+             for o in cell["outputs"]]  # a displayed value is a block of its own
     return "".join("".join(p) if isinstance(p, list) else p for p in parts)
 
 
