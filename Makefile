@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint demo bench rehearse learn clean
+.PHONY: setup test lint demo bench rehearse learn setup-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml scripts/setup_env.py
 	$(PYTHON) scripts/setup_env.py --venv $(VENV)
@@ -34,6 +34,9 @@ rehearse: setup  ## notebooks 01..06 on profile full with a real-size random Kol
 
 learn: setup  ## the honest "it learns" check: a LoRA lowers its pictures' validation loss, one fed no data does not (~3 min)
 	KOLORS_LEARN=1 $(BIN)/python -m pytest -m slow tests/test_it_learns.py -s
+
+setup-check: setup  ## notebooks/00_setup on a simulated GPU notebook image (network installs, ~10 min): torch kept, pip check clean, short output
+	KOLORS_SETUP_CHECK=1 $(BIN)/python -m pytest -m slow tests/test_setup_env.py -k notebook_image -s
 
 clean:
 	rm -rf workdir .pytest_cache .ruff_cache
