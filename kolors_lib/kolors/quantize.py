@@ -15,18 +15,7 @@ from typing import Any
 
 import torch
 
-from kolors_lib.core.errors import ConfigError
-
-QUANTIZATIONS = ("none", "int8", "nf4")
-
-
-def check_quantization(method: str, device: str, where: str = "train.base_quantization") -> str:
-    """`method` if it can run on `device`, else a one-line ConfigError saying what to set instead."""
-    if method not in QUANTIZATIONS:
-        raise ConfigError(f"{where}: {method!r} is not one of {', '.join(QUANTIZATIONS)}")
-    if method == "nf4" and not str(device).startswith("cuda"):
-        raise ConfigError(f"{where}: nf4 needs a CUDA GPU (bitsandbytes 4-bit); on {device} use int8 or none")
-    return method
+from kolors_lib.core.device_plan import PADDED_VOCAB, check_quantization
 
 
 def is_frozen_linear(module: torch.nn.Module, name: str) -> bool:
@@ -41,8 +30,7 @@ def quantize_base(model: torch.nn.Module, method: str, device: str | None = None
     `keep(layer)` True leaves a layer as it is. Apply LoRA first, then this: peft's layers stay plain
     `lora.Linear` over a quantised `base_layer`, so training, saving and loading the LoRA do not change.
     """
-    check_quantization(method, device or "cpu")
-    if method == "none":
+    if (check_quantization(method, device or "cpu") or "none") == "none":
         return model
 
     def chosen(module: torch.nn.Module, name: str) -> bool:
@@ -74,6 +62,13 @@ def _to_nf4(model: torch.nn.Module, device: str, chosen: Callable[[torch.nn.Modu
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, layer.to(device))  # bitsandbytes quantises when the weight reaches the GPU
     return model
+
+
+def to_int8(model: torch.nn.Module, device: str = "cuda") -> torch.nn.Module:
+    """ChatGLM3-6B in int8 on `device` (the plan's int8 text-encoder row): every linear layer but the
+    65024-wide output layer, which Kolors never runs; the embeddings stay in their dtype."""
+    quantize_base(model, "int8", device, keep=lambda layer: layer.out_features == PADDED_VOCAB)
+    return model.to(device)
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
@@ -110,8 +105,7 @@ def _tensors(*groups: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
 
 def quantized_share(model: torch.nn.Module) -> float:
     """Fraction of `model`'s linear-layer weights that are quantised (1.0 after quantize_base int8/nf4)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)
-               or type(m).__name__ == "Linear4bit"]
+    weights = [m.weight for n, m in model.named_modules() if is_frozen_linear(m, n) or type(m).__name__ == "Linear4bit"]
     return sum(is_quantized(w) for w in weights) / max(len(weights), 1)
 
 
@@ -120,5 +114,5 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
     return {"weight_gib": round(weight_bytes(model) / 2**30, 3), "quantized_linear_share": quantized_share(model)}
 
 
-__all__ = ["QUANTIZATIONS", "check_quantization", "describe", "is_frozen_linear", "is_quantized", "quantize_base",
-           "quantized_share", "tensor_bytes", "weight_bytes"]
+__all__ = ["describe", "is_frozen_linear", "is_quantized", "quantize_base",
+           "quantized_share", "tensor_bytes", "to_int8", "weight_bytes"]
