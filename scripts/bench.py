@@ -330,8 +330,8 @@ def quant_ratios(results: dict[str, dict]) -> list[str]:
     a, b = results.get("cpu-1024-int8", {}), results.get("cpu-1024", {})
     if "unet_frozen_weights_gib" not in a or "unet_frozen_weights_gib" not in b:
         return []
-    return [f"- int8 base / bf16 base at 1024²: frozen UNet weights {a['unet_frozen_weights_gib']:.3f} / "
-            f"{b['unet_frozen_weights_gib']:.3f} GiB = {a['unet_frozen_weights_gib'] / b['unet_frozen_weights_gib']:.3f}; "
+    wa, wb = a["unet_frozen_weights_gib"], b["unet_frozen_weights_gib"]
+    return [f"- int8 base / bf16 base at 1024²: frozen UNet weights {wa:.3f} / {wb:.3f} GiB = {wa / wb:.3f}; "
             f"training step over the weights {a['train_step_over_weights_gib']:.2f} / "
             f"{b['train_step_over_weights_gib']:.2f} GiB; s/step {_mean(a):.0f} / {_mean(b):.0f} = "
             f"{_mean(a) / _mean(b):.2f}; denoise step {a['seconds_denoise_step']:.0f} / "

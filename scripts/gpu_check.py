@@ -31,7 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-PROMPTS = ["古风，水墨画，一个黑色长发少女，坐在古代书院的教室里，认真听讲", "a red lantern over a stone bridge at dusk",
+PROMPTS = ["古风，水墨画，一个黑色长发少女，坐在古代书院的教室里，认真听讲",
+           "a red lantern over a stone bridge at dusk",
            "古风，水墨画，少女在竹林中抚琴", "a cat asleep on a windowsill, morning light",
            "古风，水墨画，山间小路，远处有一座寺庙", "a lighthouse in a storm, oil painting",
            "古风，水墨画，少女站在船头，江上起雾", "a bowl of noodles on a wooden table, photo"]
@@ -159,7 +160,8 @@ def phases(args: argparse.Namespace, models: dict[str, Path]) -> list[tuple[str,
         out.append((f"cache {precision}", lambda p=precision: phase_cache(args, models, p)))
     for precision in args.precisions:
         for quant in ("none", "int8"):
-            out.append((f"train {precision} base {quant}", lambda p=precision, q=quant: phase_train(args, models, p, q)))
+            run = lambda p=precision, q=quant: phase_train(args, models, p, q)  # noqa: E731
+            out.append((f"train {precision} base {quant}", run))
     out.append(("storyboard panel", lambda: phase_panel(args, models)))
     for dtype in ("float16", "int8"):
         out.append((f"chatglm x{len(PROMPTS)} {dtype}", lambda d=dtype: phase_chatglm(args, models, d)))
@@ -211,8 +213,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def line(entry: dict[str, Any]) -> str:
     """One row of the printed table: phase, measured vs estimated GiB, seconds (or why not)."""
     if "measured_gib" in entry:
-        return (f"{entry['phase']:<28} measured {entry['measured_gib']:7.2f} GiB   plan {entry['estimate_gib']:7.2f} GiB"
-                f"   {entry['seconds']:7.1f} s")
+        return (f"{entry['phase']:<28} measured {entry['measured_gib']:7.2f} GiB   "
+                f"plan {entry['estimate_gib']:7.2f} GiB   {entry['seconds']:7.1f} s")
     return f"{entry['phase']:<28} {entry.get('error') or entry.get('skipped')}"
 
 

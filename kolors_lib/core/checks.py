@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from kolors_lib.core.errors import ConfigError
+from kolors_lib.core.settings import QUANTIZATIONS
 
 SIZE_MULTIPLE = 64  # Kolors' UNet halves the 8x-downsampled latent 3 times: pixels must divide by 64
 # Kolors was trained at 1024²; attention memory and time grow with the square of the pixel count, so
@@ -76,5 +77,9 @@ def check_config(cfg: Any) -> Any:
             image_side(getattr(gen, key), f"generate.{key}")
     if gen.steps is not None:
         integer(gen.steps, "generate.steps")
+    for where, value in (("train.base_quantization", t.base_quantization),
+                         ("generate.base_quantization", gen.base_quantization)):
+        if value is not None and value not in QUANTIZATIONS:
+            raise ConfigError(f"{where} must be one of {', '.join(QUANTIZATIONS)} or null, not {value!r}")
     cfg.score.gate = finite(cfg.score.gate, "score.gate")
     return cfg
