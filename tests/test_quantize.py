@@ -166,3 +166,20 @@ def test_the_int8_trained_lora_loads_on_the_unquantised_unet_in_diffusers(pair: 
     print(f"\ndiffusers UNet output, int8-trained vs 16-bit-trained LoRA: {gap:.4%} relative difference "
           f"(the 16-bit LoRA itself moves the output by {effect:.4%})")
     assert gap < effect  # the two LoRAs agree more than either differs from no LoRA
+
+
+def test_a_storyboard_render_over_the_int8_unet(tiny_cfg: Config, pair: tuple) -> None:
+    """generate.base_quantization: int8 → the renderer quantises the UNet it loads and keeps the LoRA unmerged."""
+    import dataclasses
+
+    from kolors_lib.storyboard.storyboard import prepare_renderer
+
+    _, runs = pair
+    cfg = dataclasses.replace(tiny_cfg, generate=dataclasses.replace(tiny_cfg.generate, base_quantization="int8"))
+    lora, renderer = prepare_renderer(cfg, runs["int8"].lora_path, ["kstory, 山水"], [""])
+    assert quantized_share(renderer.unet) == 1.0
+    merger = LoraMerger(renderer.unet, lora)
+    merger.set(1.0)
+    assert merger.unmerged
+    image = renderer.render("kstory, 山水", "", seed=0, steps=1, cfg_scale=2.0, width=64, height=64)
+    assert image.size == (64, 64)
