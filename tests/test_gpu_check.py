@@ -15,7 +15,7 @@ def test_gpu_check_runs_every_phase_on_the_cpu_with_the_tiny_model(tmp_path: Pat
     out = tmp_path / "check.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--size", "tiny", "--resolution", "64",
-                           "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                           "--workdir", str(tmp_path / "w"), "--out", str(out), "--deadline-s", "100000"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())

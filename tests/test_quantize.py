@@ -133,12 +133,15 @@ def test_the_storyboard_applies_the_lora_unmerged_over_an_int8_unet(tiny_unet_ro
     assert rel(run(q.unet, unet_inputs, torch.float32), run(base, unet_inputs, torch.float32)) < 0.02
 
 
-# --------------------------------------------------------------------------- quality: int8 vs 16-bit base
+# --------------------------------------------------------------------------- quality: int8 vs unquantised base
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, dict]:
-    """The same LoRA run (data, steps, seed, bf16) on the 16-bit base and on the int8 base."""
+    """The same LoRA run (data, steps, seed) on the unquantised base and on the int8 base.
+
+    fp32 compute (the tiny profile's precision): a bf16 step of the tiny UNet took 150 s on this shared
+    2-core machine, fp32 a few seconds; int8 against fp32 is the stricter comparison of the two."""
     from kolors_lib.kolors.models import kolors_paths
     from kolors_lib.train.training import compare_settings
 
@@ -147,18 +150,18 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, dict]:
     shapes = ((64, 64),) * 6
     cfg = write_train_set(base, tmp_path_factory.mktemp("q2") / "wd", random_pictures(shapes),
                           [f"kstory, picture {i}" for i in range(len(shapes))], 64)
-    runs = compare_settings(cfg, {"bf16": {"base_quantization": "none"}, "int8": {"base_quantization": "int8"}},
-                            steps=STEPS, lr=5e-2, precision="bf16-mixed", val_fraction=0.34, val_every=STEPS,
+    runs = compare_settings(cfg, {"full": {"base_quantization": "none"}, "int8": {"base_quantization": "int8"}},
+                            steps=STEPS, lr=5e-2, precision="32", val_fraction=0.34, val_every=STEPS,
                             save_every=0, validate_every=0, gradient_checkpointing=False)
     return cfg, runs
 
 
-def test_a_lora_on_the_int8_base_reaches_the_16bit_validation_loss(pair: tuple) -> None:
+def test_a_lora_on_the_int8_base_reaches_the_unquantised_validation_loss(pair: tuple) -> None:
     _, runs = pair
-    (s0, v0), (s16, v16) = runs["bf16"].val_losses
+    (s0, v0), (s16, v16) = runs["full"].val_losses
     (q0, w0), (q8, v8) = runs["int8"].val_losses
     assert s16 == q8 == STEPS and v16 != v0 and v8 != w0  # both LoRAs trained and changed the held-out loss
-    print(f"\nvalidation loss after {STEPS} steps: 16-bit base {v16:.6f}, int8 base {v8:.6f} "
+    print(f"\nvalidation loss after {STEPS} steps: fp32 base {v16:.6f}, int8 base {v8:.6f} "
           f"({(v8 - v16) / v16:+.2%}); at step 0 {v0:.6f} / {w0:.6f}")
     assert abs(v8 - v16) / v16 <= 0.02
     assert abs(w0 - v0) / v0 <= 0.02  # the int8 base alone (zero LoRA) is within the margin too
@@ -189,9 +192,9 @@ def test_the_int8_trained_lora_loads_on_the_unquantised_unet_in_diffusers(pair: 
     with torch.no_grad():
         y0 = base(unet_inputs[0], unet_inputs[1], encoder_hidden_states=unet_inputs[2],
                   added_cond_kwargs={"text_embeds": unet_inputs[4], "time_ids": unet_inputs[3]}).sample
-    gap, effect = rel(outputs["int8"], outputs["bf16"]), rel(outputs["bf16"], y0)
-    print(f"\ndiffusers UNet output, int8-trained vs 16-bit-trained LoRA: {gap:.4%} relative difference "
-          f"(the 16-bit LoRA itself moves the output by {effect:.4%})")
+    gap, effect = rel(outputs["int8"], outputs["full"]), rel(outputs["full"], y0)
+    print(f"\ndiffusers UNet output, int8-trained vs fp32-trained LoRA: {gap:.4%} relative difference "
+          f"(the fp32-trained LoRA itself moves the output by {effect:.4%})")
     assert gap < effect  # the two LoRAs agree more than either differs from no LoRA
 
 
