@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # ~1-2 min on a quiet 2-core machine: 4 tiny trainings, a panel, ChatGLM twice
 def test_gpu_check_runs_every_phase_on_the_cpu_with_the_tiny_model(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
