@@ -17,6 +17,7 @@ from kolors_lib.core.device_plan import (
     CARDS,
     PARAMS,
     PHASES,
+    QUANT_TRAIN_EXTRA,
     TINY_PARAMS,
     TRAIN_1024,
     UNET_LINEAR,
@@ -105,7 +106,8 @@ def test_an_8gb_card_trains_1024_over_the_int8_base() -> None:
     assert plan.fits and plan.train_resolution == 1024 and plan.peak_gib("train") <= plan.budget_gib, plan.table()
     sixteen = device_plan(_full(base_quantization="none"), CARDS["8 GB card"])
     saved = sixteen.get("train", "unet").gib - unet.gib
-    assert saved == pytest.approx(UNET_LINEAR / 2**30, abs=0.01)  # one byte per linear weight instead of two
+    # one byte per linear weight instead of two, less the int8 step's measured extra activations
+    assert saved == pytest.approx(UNET_LINEAR / 2**30 - QUANT_TRAIN_EXTRA, abs=0.01)
     # ChatGLM for the caches and prompts: int8 on the GPU (11.7 GiB in fp16 does not fit)
     assert {(p.device, p.dtype) for p in plan.placements if p.model == "text_encoder"} == {("cuda", "int8")}
     # the storyboard's UNet fits in fp16 (tiled VAE): no quantisation where 16-bit fits
@@ -116,8 +118,8 @@ def test_an_8gb_card_trains_1024_over_the_int8_base() -> None:
 
 def test_the_smallest_cards_step_down_to_nf4_and_nf4_needs_cuda() -> None:
     cfg = _full()
-    assert device_plan(cfg, Hardware.card(7, nf4=True)).get("train", "unet").dtype == "nf4"
-    no_bnb = device_plan(cfg, Hardware.card(7, nf4=False))
+    assert device_plan(cfg, Hardware.card(7.5, nf4=True)).get("train", "unet").dtype == "nf4"
+    no_bnb = device_plan(cfg, Hardware.card(7.5, nf4=False))
     assert no_bnb.get("train", "unet").dtype == "int8" and not no_bnb.fits and no_bnb.train_resolution < 1024
     with pytest.raises(ConfigError, match=r"^train.base_quantization: nf4 needs a CUDA GPU .* use int8 or none$"):
         device_plan(_full(base_quantization="nf4"), Hardware(False, ram_gib=24))

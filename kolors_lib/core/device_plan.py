@@ -63,6 +63,10 @@ ACTIVATIONS_1024 = {
     "text": 0.1,           # ChatGLM3-6B, one 256-token prompt: 28 hidden states of 256 x 4096 (computed)
     "score": 0.2,          # CLIP ViT-L/14 at 224², batch 8 (computed: 8 x 257 tokens x 1024 x 24 layers)
 }
+# A 1024² training step over the int8 base took 0.62 GiB more than over the bf16 base (`make bench`,
+# --only quant, then cpu-1024-int8 with FrozenInt8Linear: 4.89 vs 4.27 GiB over the weights, host RSS;
+# per-layer dequantised weights, perhaps allocator slack): counted for every quantised training base
+QUANT_TRAIN_EXTRA = 0.62
 # CUDA context, cuDNN workspaces and allocator slack that max_memory_allocated does not show
 CUDA_RESERVE_GIB = 0.75
 # ChatGLM3-6B on one 256-token prompt: 2 x params x tokens FLOPs (DiffSynth pads to 256)
@@ -299,12 +303,12 @@ def _text_encoder(cfg: Config, hw: Hardware, gpu: bool, half: str, budget: float
 
 
 def _base_quantization(asked: str | None, hw: Hardware, gpu: bool, params: int, half: str,
-                       room: Callable[[float], bool]) -> str:
-    """The frozen UNet's quantisation: `asked`, else none where 16-bit fits (`room(weights)`), else int8, else nf4."""
+                       room: Callable[[float, str], bool]) -> str:
+    """The frozen UNet's quantisation: `asked`, else none where 16-bit fits (`room(weights, method)`), int8, nf4."""
     if asked is not None or not gpu:
         return asked or "none"
     for method, available in (("none", True), ("int8", hw.int8), ("nf4", hw.nf4)):
-        if available and room(unet_weights_gib(params, method, half)):
+        if available and room(unet_weights_gib(params, method, half), method):
             return method
     return "int8" if hw.int8 else "none"  # nothing fits: the advice names a smaller size
 
@@ -333,8 +337,10 @@ def device_plan(cfg: Config, hardware: Hardware | None = None) -> Plan:
     params = _scaled_params(cfg, "unet")
     lora = LORA_PARAMS_PER_RANK * cfg.lora.rank * 16 / GIB  # fp32 weight + grad + 2 AdamW moments
     act = ACTIVATIONS_1024["train" if cfg.train.gradient_checkpointing else "train_no_ckpt"] * cfg.train.batch_size
+    extra = QUANT_TRAIN_EXTRA * cfg.train.batch_size  # over a quantised base only
     train_q = _base_quantization(check_quantization(cfg.train.base_quantization, dev), hw, gpu, params, half,
-                                 lambda w: w + lora + act * px <= budget)
+                                 lambda w, q: w + lora + (act + (extra if q != "none" else 0.0)) * px <= budget)
+    act += extra if train_q != "none" else 0.0
     unet = unet_weights_gib(params, train_q, half)
     dec = _gib(_scaled_params(cfg, "vae_decoder"), "float32")
     enc = _gib(_scaled_params(cfg, "vae_encoder"), "float32")
@@ -344,7 +350,7 @@ def device_plan(cfg: Config, hardware: Hardware | None = None) -> Plan:
     vae_act = ACTIVATIONS_1024["vae_decode_tiled" if tiled else "vae_decode"] * px
     enc_act = ACTIVATIONS_1024["vae_encode_tiled" if tiled else "vae_encode"] * px * cfg.train.batch_size
     story_q = _base_quantization(check_quantization(cfg.generate.base_quantization, dev, "generate.base_quantization"),
-                                 hw, gpu, params, half, lambda w: w + denoise + dec + vae_act <= budget)
+                                 hw, gpu, params, half, lambda w, q: w + denoise + dec + vae_act <= budget)
     story = unet_weights_gib(params, story_q, half)
     vae_note = "fp32: DiffSynth upcasts SDXL VAEs" + (", tiled" if tiled else "")
     ckpt = " with gradient checkpointing" if cfg.train.gradient_checkpointing else ""
