@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint demo bench rehearse learn setup-check clean
+.PHONY: setup test lint demo bench gpu-check rehearse learn setup-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml scripts/setup_env.py
 	$(PYTHON) scripts/setup_env.py --venv $(VENV)
@@ -28,6 +28,9 @@ demo: setup  ## run the whole course (notebooks 01..) on the tiny model, offline
 
 bench: setup  ## real-size Kolors, random weights: memory and speed, ours vs stock (results: docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py
+
+gpu-check: setup  ## on a CUDA GPU (<= 8 min, nothing downloaded): every planned phase measured vs the plan (JSON in workdir/gpu-check)
+	$(BIN)/python scripts/gpu_check.py
 
 rehearse: setup  ## notebooks 01..06 on profile full with a real-size random Kolors, on CPU (writes ~17 GB once)
 	KOLORS_REHEARSE=1 $(BIN)/python -m pytest -m slow tests/test_fullsize.py -k rehearsal -s

@@ -15,7 +15,9 @@ a download. Each case runs in its own process, so its peak memory is its own: pe
   camp's script builds it (ChatGLM + VAE resident and run at every step).
 - generate-ours: `kolors_lib.storyboard.storyboard.render_storyboard` (device plan, encode-then-offload).
 - generate-stock: one `SDXLImagePipeline` holding everything, called once per panel.
-- cpu-1024 (CPU only): one training step and one denoise step at 1024² (what a GPU would hold).
+- cpu-1024 (CPU only): one training step and one denoise step at 1024² (what a GPU would hold);
+  cpu-1024-int8: the same over the int8 base (train.base_quantization: int8), with the frozen UNet
+  weights' exact size in both (`--only quant` runs the pair; their ratios go into the results).
 The FLOP floor of a step is counted (torch's FlopCounterMode, meta device): a UNet forward,
 and fwd + bwd (x3) + the checkpointing recompute (x4) for a training step.
 """
@@ -36,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-CASES = ("cache", "train-ours", "train-stock", "generate-ours", "generate-stock", "cpu-1024")
+CASES = ("cache", "train-ours", "train-stock", "generate-ours", "generate-stock", "cpu-1024", "cpu-1024-int8")
 PROMPT = "古风，水墨画，一个黑色长发少女，坐在古代书院的教室里，认真听讲"
 
 
@@ -80,11 +82,12 @@ def course_config(args: argparse.Namespace, workdir: Path):  # noqa: ANN201 - ko
         "models": {"kolors": {"local_dir": str(models / "Kolors")},
                    "vae_fp16_fix": {"local_dir": str(models / "sdxl-vae-fp16-fix")},
                    "aesthetic": {"local_dir": str(models / "aesthetics-predictor")}},
-        "train": {"steps": args.steps + 1, "precision": precision, "save_every": 0, "validate_every": 0},
+        "train": {"steps": args.steps + 1, "precision": precision, "save_every": 0, "validate_every": 0,
+                  "base_quantization": "int8" if args.case == "cpu-1024-int8" else "none"},
         "generate": {"steps": args.gen_steps, "width": args.resolution, "height": args.resolution}})
 
 
-def _training_set(cfg) -> None:  # noqa: ANN001
+def write_training_set(cfg) -> None:  # noqa: ANN001
     """Two images and DiffSynth's metadata.csv (what step 02 writes)."""
     from PIL import Image
 
@@ -101,7 +104,7 @@ def case_train_ours(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
     from kolors_lib.train.training import L, train_lora
 
     if args.case == "cache":
-        _training_set(cfg)
+        write_training_set(cfg)
         start = time.perf_counter()
         build_cache(cfg)
         return {"seconds_cache": time.perf_counter() - start}
@@ -213,7 +216,7 @@ def case_generate_stock(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
     return {"seconds_per_panel": [(time.perf_counter() - start) / len(story.scenes)]}
 
 
-def _reset_peak() -> float:
+def reset_peak() -> float:
     """Reset this process's resident high-water mark (Linux clear_refs 5); return the RSS now (GiB)."""
     import ctypes
     import gc
@@ -240,28 +243,32 @@ def case_cpu_1024(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
     import torch
 
     from kolors_lib.core.device_plan import device_plan
+    from kolors_lib.kolors.quantize import tensor_bytes
     from kolors_lib.train.lora_module import KolorsLoraModule, add_time_ids
 
     plan = device_plan(cfg)
     module = KolorsLoraModule.from_config(cfg, plan)
+    frozen = [p for p in module.unet.parameters() if not p.requires_grad]
+    frozen_gib = sum(tensor_bytes(p) for p in frozen) / 2**30
     optimizer = module.configure_optimizers()
     x = torch.randn(1, 4, 128, 128)
     width = module.unet.text_intermediate_proj.in_features  # 4096: ChatGLM3's hidden size
     text = {"encoder_hidden_states": torch.randn(1, 256, width) * 0.1, "add_text_embeds": torch.randn(1, width) * 0.1}
-    base = _reset_peak()
+    base = reset_peak()
     start = time.perf_counter()
     module.compute_loss({"latents": x, **text}).backward()
     optimizer.step()
     train_s = time.perf_counter() - start
     train_act = _vm_kib("VmHWM") / 2**20 - base
     optimizer.zero_grad(set_to_none=True)
-    base_denoise = _reset_peak()
+    base_denoise = reset_peak()
     start = time.perf_counter()
     with torch.no_grad():
         dtype = plan.get("train", "unet").torch_dtype
         module.unet.eval()(x.to(dtype), timestep=torch.tensor([500]), add_time_id=add_time_ids(x),
                            **{k: v.to(dtype) for k, v in text.items()})
     return {"seconds_per_step": [train_s], "seconds_denoise_step": time.perf_counter() - start,
+            "base_quantization": cfg.train.base_quantization, "unet_frozen_weights_gib": round(frozen_gib, 3),
             "rss_after_load_gib": round(base, 2), "train_step_over_weights_gib": round(train_act, 2),
             "denoise_step_over_weights_gib": round(_vm_kib("VmHWM") / 2**20 - base_denoise, 2)}
 
@@ -275,10 +282,11 @@ def run_case(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     cfg = course_config(args, Path(args.workdir))
-    if args.case == "cpu-1024":
+    if args.case.startswith("cpu-1024"):
         cfg = course_config(argparse.Namespace(**{**vars(args), "resolution": 1024}), Path(args.workdir))
     cases = {"cache": case_train_ours, "train-ours": case_train_ours, "train-stock": case_train_stock,
-             "generate-ours": case_generate_ours, "generate-stock": case_generate_stock, "cpu-1024": case_cpu_1024}
+             "generate-ours": case_generate_ours, "generate-stock": case_generate_stock, "cpu-1024": case_cpu_1024,
+             "cpu-1024-int8": case_cpu_1024}
     out = cases[args.case](args, cfg)
     out.update(case=args.case, peak_gib=round(peak_memory_gib(args.device), 2))
     print("RESULT " + json.dumps(out), flush=True)
@@ -317,6 +325,19 @@ def _mean(r: dict) -> float | None:
     return sum(per) / len(per) if per else None
 
 
+def quant_ratios(results: dict[str, dict]) -> list[str]:
+    """int8 base vs 16-bit base at 1024² (cases cpu-1024-int8 and cpu-1024 of the same run)."""
+    a, b = results.get("cpu-1024-int8", {}), results.get("cpu-1024", {})
+    if "unet_frozen_weights_gib" not in a or "unet_frozen_weights_gib" not in b:
+        return []
+    wa, wb = a["unet_frozen_weights_gib"], b["unet_frozen_weights_gib"]
+    return [f"- int8 base / bf16 base at 1024²: frozen UNet weights {wa:.3f} / {wb:.3f} GiB = {wa / wb:.3f}; "
+            f"training step over the weights {a['train_step_over_weights_gib']:.2f} / "
+            f"{b['train_step_over_weights_gib']:.2f} GiB; s/step {_mean(a):.0f} / {_mean(b):.0f} = "
+            f"{_mean(a) / _mean(b):.2f}; denoise step {a['seconds_denoise_step']:.0f} / "
+            f"{b['seconds_denoise_step']:.0f} s"]
+
+
 def markdown(args: argparse.Namespace, results: dict[str, dict], command: str, flops: float) -> str:
     """A results section for docs/benchmarks.md: absolutes and ours/stock ratios."""
     what = "GPU memory allocated" if args.device.startswith("cuda") else "host RSS"
@@ -335,6 +356,7 @@ def markdown(args: argparse.Namespace, results: dict[str, dict], command: str, f
         if "peak_gib" in a and "peak_gib" in b:
             ratios.append(f"- {ours.split('-')[0]}: memory ours/stock = {a['peak_gib'] / b['peak_gib']:.2f}, "
                           f"time ours/stock = {_mean(a) / _mean(b):.2f}")
+    ratios += quant_ratios(results)
     step = 4 * flops  # forward + backward (2x) + the checkpointing recompute of the forward
     return "\n".join([
         f"### {dt.date.today().isoformat()} · {machine(args.device)}", "",
@@ -351,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
-    p.add_argument("--only", choices=("train", "generate", "cpu-1024"), default=None)
+    p.add_argument("--only", choices=("train", "generate", "cpu-1024", "quant"), default=None,
+                   help="quant: cpu-1024 over the 16-bit and over the int8 base, one after the other")
     p.add_argument("--models", type=Path, default=ROOT / "workdir" / "full-kolors",
                    help="the real-size random Kolors (written there first if missing)")
     p.add_argument("--workdir", type=Path, default=ROOT / "workdir" / "bench")
@@ -378,9 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     names = {None: ["cache", "train-ours", "train-stock", "generate-ours", "generate-stock"],
              "train": ["cache", "train-ours", "train-stock"], "generate": ["generate-ours", "generate-stock"],
-             "cpu-1024": []}[args.only]
-    if not gpu and args.only in (None, "cpu-1024"):
+             "cpu-1024": [], "quant": []}[args.only]
+    if not gpu and args.only in (None, "cpu-1024", "quant"):
         names.append("cpu-1024")
+    if not gpu and args.only in (None, "quant"):
+        names.append("cpu-1024-int8")
     results = {name: child(args, name) for name in names}
     section = markdown(args, results, command.strip(), unet_flops(args.resolution))
     print(section)

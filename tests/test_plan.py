@@ -17,12 +17,15 @@ from kolors_lib.core.device_plan import (
     CARDS,
     PARAMS,
     PHASES,
+    QUANT_TRAIN_EXTRA,
     TINY_PARAMS,
     TRAIN_1024,
+    UNET_LINEAR,
     Hardware,
     Placement,
     device_plan,
 )
+from kolors_lib.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +80,7 @@ def test_small_cards_encode_text_on_the_cpu_or_in_8bit(gib: int) -> None:
 
 
 def test_an_8gb_card_renders_1024_and_says_whether_training_fits() -> None:
-    plan = device_plan(_full(), CARDS["8 GB card"])
+    plan = device_plan(_full(base_quantization="none"), CARDS["8 GB card"])  # the 16-bit base, forced
     assert plan.tiled_vae  # the untiled fp32 decode does not fit beside the UNet
     for phase in ("cache-latents", "validate", "storyboard-encode", "storyboard-denoise", "score"):
         assert plan.peak_gib(phase) <= min(plan.budget_gib, 8.0), plan.table()
@@ -86,11 +89,51 @@ def test_an_8gb_card_renders_1024_and_says_whether_training_fits() -> None:
     # the plan names the largest training size that fits, and a plan at that size fits the card
     assert over and plan.train_resolution == 768, plan.table()
     assert "train at 768² (resolution: 768)" in plan.table()
-    assert device_plan(dataclasses.replace(_full(), resolution=768), CARDS["8 GB card"]).fits
-    assert not device_plan(dataclasses.replace(_full(), resolution=832), CARDS["8 GB card"]).fits
+    assert device_plan(dataclasses.replace(_full(base_quantization="none"), resolution=768), CARDS["8 GB card"]).fits
+    assert not device_plan(dataclasses.replace(_full(base_quantization="none"), resolution=832),
+                           CARDS["8 GB card"]).fits
     assert device_plan(_full(), CARDS["A10 (24 GB, ModelScope)"]).train_resolution == 1024
     # without checkpointing nothing close fits
     assert not device_plan(_full(gradient_checkpointing=False), CARDS["12 GB card"]).fits
+
+
+def test_an_8gb_card_trains_1024_over_the_int8_base() -> None:
+    """The plan's own choice on 8 GB: the frozen UNet's linear layers in int8, the LoRA fp32; every phase fits."""
+    plan = device_plan(_full(), CARDS["8 GB card"])
+    unet, lora = plan.get("train", "unet"), plan.get("train", "lora")
+    assert (unet.dtype, unet.compute_dtype, unet.quantization, lora.dtype) == ("int8", "float16", "int8", "float32")
+    assert unet.torch_dtype == torch.float16  # loaded in fp16, then its linears quantised
+    assert plan.fits and plan.train_resolution == 1024 and plan.peak_gib("train") <= plan.budget_gib, plan.table()
+    sixteen = device_plan(_full(base_quantization="none"), CARDS["8 GB card"])
+    saved = sixteen.get("train", "unet").gib - unet.gib
+    # one byte per linear weight instead of two, less the int8 step's measured extra activations
+    assert saved == pytest.approx(UNET_LINEAR / 2**30 - QUANT_TRAIN_EXTRA, abs=0.01)
+    # ChatGLM for the caches and prompts: int8 on the GPU (11.7 GiB in fp16 does not fit)
+    assert {(p.device, p.dtype) for p in plan.placements if p.model == "text_encoder"} == {("cuda", "int8")}
+    # the storyboard's UNet fits in fp16 (tiled VAE): no quantisation where 16-bit fits
+    assert plan.get("storyboard-denoise", "unet").dtype == "float16"
+    # cards where the 16-bit base fits keep it
+    assert device_plan(_full(), CARDS["12 GB card"]).get("train", "unet").dtype == "float16"
+
+
+def test_the_smallest_cards_step_down_to_nf4_and_nf4_needs_cuda() -> None:
+    cfg = _full()
+    assert device_plan(cfg, Hardware.card(7.5, nf4=True)).get("train", "unet").dtype == "nf4"
+    no_bnb = device_plan(cfg, Hardware.card(7.5, nf4=False))
+    assert no_bnb.get("train", "unet").dtype == "int8" and not no_bnb.fits and no_bnb.train_resolution < 1024
+    with pytest.raises(ConfigError, match=r"^train.base_quantization: nf4 needs a CUDA GPU .* use int8 or none$"):
+        device_plan(_full(base_quantization="nf4"), Hardware(False, ram_gib=24))
+    cpu = device_plan(_full(precision="bf16-mixed", base_quantization="int8"), Hardware(False, ram_gib=24))
+    assert (cpu.get("train", "unet").dtype, cpu.get("train", "unet").compute_dtype) == ("int8", "bfloat16")
+    assert device_plan(_full(precision="bf16-mixed"), Hardware(False, ram_gib=24)).get("train", "unet").dtype \
+        == "bfloat16"  # on a CPU the plan never quantises by itself
+
+
+def test_base_quantization_is_checked_where_it_enters() -> None:
+    with pytest.raises(ConfigError, match="train.base_quantization must be one of none, int8, nf4 or null, not 'int4'"):
+        load_config(profile="full", overrides={"train.base_quantization": "int4"})
+    with pytest.raises(ConfigError, match="generate.base_quantization must be one of"):
+        load_config(profile="full", overrides={"generate.base_quantization": 8})
 
 
 def test_estimates_scale_with_resolution_and_rank() -> None:
@@ -153,6 +196,8 @@ def test_parameter_counts_are_the_real_models() -> None:
                   "text_encoder": ChatGLMModel(ChatGLMConfig(**CHATGLM_CONFIG), empty_init=False),
                   "aesthetic": AestheticsPredictorV2Linear(CLIP_VIT_L14())}
     assert {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()} == PARAMS
+    linear = [m for m in models["unet"].modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(m.weight.numel() for m in linear) == UNET_LINEAR  # what int8/nf4 quantise
     assert lora_param_count(1) == LORA_PARAMS_PER_RANK
 
 
@@ -187,3 +232,10 @@ def test_plan_command_prints_the_table_without_torch() -> None:
     data = json.loads(js.stdout)
     assert data["hardware"]["gpu_gib"] == 16 and data["hardware"]["bf16"] is False
     assert {p["dtype"] for p in data["placements"] if p["model"] == "unet"} == {"float16"}
+    eight = subprocess.run([sys.executable, "-m", "kolors_lib", "plan", "--profile", "full", "--gpu-memory", "8",
+                            "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    data = json.loads(eight.stdout)
+    assert data["fits"] and data["resolution"] == 1024 and data["gpu_peak_gib"]["train"] <= data["budget_gib"]
+    assert all(p["dtype"] for p in data["placements"])  # every row names its dtype
+    train = [p for p in data["placements"] if p["phase"] == "train"]
+    assert {(p["model"], p["dtype"]) for p in train} == {("unet", "int8"), ("lora", "float32")}

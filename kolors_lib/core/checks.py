@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from kolors_lib.core.errors import ConfigError
+from kolors_lib.core.settings import QUANTIZATIONS
 from kolors_lib.core.yaml_files import quote
 
 SIZE_MULTIPLE = 64  # Kolors' UNet halves the 8x-downsampled latent 3 times: pixels must divide by 64
@@ -119,6 +120,10 @@ def check_config(cfg: Any) -> Any:
         if getattr(gen, key) is not None:
             integer(getattr(gen, key), f"generate.{key}")
     integer(gen.candidates, "generate.candidates")
+    for where, value in (("train.base_quantization", cfg.train.base_quantization),
+                         ("generate.base_quantization", gen.base_quantization)):
+        if value is not None and value not in QUANTIZATIONS:
+            raise ConfigError(f"{where} must be one of {', '.join(QUANTIZATIONS)} or null, not {value!r}")
     cfg.score.gate = finite(cfg.score.gate, "score.gate")
     return cfg
 

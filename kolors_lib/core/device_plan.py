@@ -13,10 +13,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kolors_lib.core.config import Config
+from kolors_lib.core.errors import ConfigError
+from kolors_lib.core.settings import QUANTIZATIONS
 
 GIB = 2**30
 
@@ -28,8 +31,12 @@ PARAMS = {"unet": 2_579_458_820, "text_encoder": 6_243_584_000, "vae_encoder": 3
 # The tiny profile's random models (kolors_lib.offline_models.tiny; tests recount them)
 TINY_PARAMS = {"unet": 14_210_564, "text_encoder": 8_397_376, "vae_encoder": 580_688, "vae_decoder": 819_191,
                "aesthetic": 199_265}
-# ChatGLM's word embedding and output layer stay 16-bit under bitsandbytes int8 (2 x 65024 x 4096)
+# ChatGLM's word embedding and output layer stay 16-bit under int8 (2 x 65024 x 4096)
 CHATGLM_NON_LINEAR = 532_676_608
+# Weights of the Kolors UNet's nn.Linear layers: what int8/nf4 quantise (87 %; convolutions, norms stay 16-bit)
+UNET_LINEAR = 2_244_640_768
+# bytes per quantised weight: int8 + a per-row scale (negligible); NF4 half a byte + an fp32 absmax per 64
+QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / 64}
 PADDED_VOCAB = 65024
 # LoRA parameters per unit of rank on Kolors' to_q/to_k/to_v/to_out (architecture.lora_param_count(1))
 LORA_PARAMS_PER_RANK = 1_451_520
@@ -56,6 +63,10 @@ ACTIVATIONS_1024 = {
     "text": 0.1,           # ChatGLM3-6B, one 256-token prompt: 28 hidden states of 256 x 4096 (computed)
     "score": 0.2,          # CLIP ViT-L/14 at 224², batch 8 (computed: 8 x 257 tokens x 1024 x 24 layers)
 }
+# A 1024² training step over the int8 base took 0.62 GiB more than over the bf16 base (`make bench`,
+# --only quant, then cpu-1024-int8 with FrozenInt8Linear: 4.89 vs 4.27 GiB over the weights, host RSS;
+# per-layer dequantised weights, perhaps allocator slack): counted for every quantised training base
+QUANT_TRAIN_EXTRA = 0.62
 # CUDA context, cuDNN workspaces and allocator slack that max_memory_allocated does not show
 CUDA_RESERVE_GIB = 0.75
 # ChatGLM3-6B on one 256-token prompt: 2 x params x tokens FLOPs (DiffSynth pads to 256)
@@ -76,8 +87,9 @@ class Hardware:
     gpu_gib: float = 0.0
     bf16: bool = False
     ram_gib: float = 0.0
-    int8: bool = False  # bitsandbytes installed (8-bit ChatGLM on the GPU)
+    int8: bool = False  # torchao installed: int8 UNet base and 8-bit ChatGLM
     name: str = "CPU"
+    nf4: bool = False  # bitsandbytes installed: 4-bit (NF4) UNet base, CUDA only
 
     @classmethod
     def detect(cls) -> Hardware:
@@ -89,22 +101,28 @@ class Hardware:
             return cls(False, ram_gib=ram)
         props = torch.cuda.get_device_properties(0)
         return cls(True, round(props.total_memory / GIB, 1), bool(torch.cuda.is_bf16_supported()), ram,
-                   importlib.util.find_spec("bitsandbytes") is not None, props.name)
+                   _installed("torchao"), props.name, _installed("bitsandbytes"))
 
     @classmethod
     def card(cls, gpu_gib: float, bf16: bool = True, ram_gib: float | None = None,
-             int8: bool | None = None) -> Hardware:
+             int8: bool | None = None, nf4: bool | None = None) -> Hardware:
         """A described (not detected) CUDA card: plan for a machine you do not have."""
-        bnb = importlib.util.find_spec("bitsandbytes") is not None if int8 is None else int8
-        return cls(True, float(gpu_gib), bf16, host_ram_gib() if ram_gib is None else ram_gib, bnb,
-                   f"GPU {gpu_gib:g} GiB{'' if bf16 else ', no bf16'}")
+        return cls(True, float(gpu_gib), bf16, host_ram_gib() if ram_gib is None else ram_gib,
+                   _installed("torchao") if int8 is None else int8,
+                   f"GPU {gpu_gib:g} GiB{'' if bf16 else ', no bf16'}",
+                   _installed("bitsandbytes") if nf4 is None else nf4)
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 # the cards learners have (README "Which cards fit"); T4: 15 GiB usable, no bf16
-CARDS = {"A10 (24 GB, ModelScope)": Hardware(True, 24.0, True, 30.0, False, "A10"),
-         "T4 (16 GB, Colab/Kaggle)": Hardware(True, 15.0, False, 12.0, False, "T4"),
-         "12 GB card": Hardware(True, 12.0, True, 16.0, False, "12 GB"),
-         "8 GB card": Hardware(True, 8.0, True, 16.0, False, "8 GB")}
+# (torchao and bitsandbytes are in the course's requirements)
+CARDS = {"A10 (24 GB, ModelScope)": Hardware(True, 24.0, True, 30.0, True, "A10", True),
+         "T4 (16 GB, Colab/Kaggle)": Hardware(True, 15.0, False, 12.0, True, "T4", True),
+         "12 GB card": Hardware(True, 12.0, True, 16.0, True, "12 GB", True),
+         "8 GB card": Hardware(True, 8.0, True, 16.0, True, "8 GB", True)}
 
 
 def host_ram_gib() -> float:
@@ -122,16 +140,22 @@ class Placement:
     phase: str
     model: str
     device: str
-    dtype: str  # float32, float16, bfloat16 or int8
+    dtype: str  # float32, float16, bfloat16, or int8 / nf4 (quantised linear layers)
     gib: float  # weights + activation peak on `device`
     note: str = ""
+    compute_dtype: str = ""  # quantised rows: the dtype of the other weights and of the activations
+
+    @property
+    def quantization(self) -> str:
+        """none, int8 or nf4: what quantize_base applies after loading."""
+        return self.dtype if self.dtype in QUANTIZATIONS else "none"
 
     @property
     def torch_dtype(self) -> Any:
-        """The torch dtype to load the weights in (int8: fp16, then bitsandbytes quantises)."""
+        """The torch dtype to load the weights in (quantised rows: their compute dtype, then quantised)."""
         import torch
 
-        return torch.float16 if self.dtype == "int8" else getattr(torch, self.dtype)
+        return getattr(torch, self.compute_dtype or ("float16" if self.quantization != "none" else self.dtype))
 
 
 @dataclass
@@ -211,7 +235,26 @@ class Plan:
 
 
 def _gib(params: int, dtype: str) -> float:
-    return params * {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[dtype] / GIB
+    return params * {"float32": 4, "float16": 2, "bfloat16": 2, **QUANT_BYTES}[dtype] / GIB
+
+
+def check_quantization(method: str | None, device: str, where: str = "train.base_quantization") -> str | None:
+    """`method` (None: the plan's choice) if it can run on `device`, else a one-line ConfigError saying what to set."""
+    if method is None:
+        return None
+    if method not in QUANTIZATIONS:
+        raise ConfigError(f"{where}: {method!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if method == "nf4" and not str(device).startswith("cuda"):
+        raise ConfigError(f"{where}: nf4 needs a CUDA GPU (bitsandbytes 4-bit); on {device} use int8 or none")
+    return method
+
+
+def unet_weights_gib(params: int, quantization: str, half: str) -> float:
+    """The UNet's weights: 16-bit, or its linear layers quantised and the rest in `half`."""
+    if quantization == "none":
+        return _gib(params, half)
+    linear = round(params * UNET_LINEAR / PARAMS["unet"])  # the tiny UNet: the real share
+    return _gib(linear, quantization) + _gib(params - linear, half)
 
 
 def cpu_seconds_per_prompt(gflops: float = CPU_GFLOPS) -> float:
@@ -232,27 +275,55 @@ def _half(cfg: Config, hw: Hardware, gpu: bool) -> tuple[str, str]:
     return "float16", "16-mixed"  # a card without bf16 (T4) trains in fp16 with a grad scaler
 
 
-def _text_encoder(cfg: Config, hw: Hardware, gpu: bool, half: str, budget: float, phase: str) -> Placement:
-    """ChatGLM3-6B: on the GPU in 16-bit if it fits alone, else 8-bit (bitsandbytes), else on the CPU."""
+def text_encoder_placement(cfg: Config, phase: str, device: str, dtype: str) -> Placement:
+    """ChatGLM3-6B on `device` in `dtype` (float16, bfloat16, float32 or int8) with its estimated memory."""
     params = _scaled_params(cfg, "text_encoder")
     act = ACTIVATIONS_1024["text"]
-    if not gpu:
-        return Placement(phase, "text_encoder", "cpu", half, round(_gib(params, half) + act, 2))
-    fp16 = _gib(params, half) + act
-    if fp16 <= budget:
-        return Placement(phase, "text_encoder", "cuda", half, round(fp16, 2))
+    if dtype != "int8":
+        return Placement(phase, "text_encoder", device, dtype, round(_gib(params, dtype) + act, 2))
     int8 = (_gib(params - CHATGLM_NON_LINEAR, "int8") + _gib(CHATGLM_NON_LINEAR, "float16")
             if params > CHATGLM_NON_LINEAR else _gib(params, "int8")) + act
-    if hw.int8 and int8 <= budget:
-        return Placement(phase, "text_encoder", "cuda", "int8", round(int8, 2), "bitsandbytes LLM.int8")
+    return Placement(phase, "text_encoder", device, "int8", round(int8, 2),
+                     "torchao weight-only int8 linears, embeddings float16", "float16")
+
+
+def _text_encoder(cfg: Config, hw: Hardware, gpu: bool, half: str, budget: float, phase: str) -> Placement:
+    """ChatGLM3-6B: on the GPU in 16-bit if it fits alone, else in int8 (torchao) if that fits, else on the CPU."""
+    if not gpu:
+        return text_encoder_placement(cfg, phase, "cpu", half)
+    fp16 = text_encoder_placement(cfg, phase, "cuda", half)
+    if fp16.gib <= budget:
+        return fp16
+    int8 = text_encoder_placement(cfg, phase, "cuda", "int8")
+    if hw.int8 and int8.gib <= budget:
+        return int8
     secs = cpu_seconds_per_prompt()
-    return Placement(phase, "text_encoder", "cpu", "bfloat16", round(fp16, 2),
+    return Placement(phase, "text_encoder", "cpu", "bfloat16", fp16.gib,
                      f"does not fit the GPU: CPU, ~{secs:.0f} s/prompt (2 cores, AVX-512 bf16), once per prompt")
+
+
+def _base_quantization(asked: str | None, hw: Hardware, gpu: bool, params: int, half: str,
+                       room: Callable[[float, str], bool]) -> str:
+    """The frozen UNet's quantisation: `asked`, else none where 16-bit fits (`room(weights, method)`), int8, nf4."""
+    if asked is not None or not gpu:
+        return asked or "none"
+    for method, available in (("none", True), ("int8", hw.int8), ("nf4", hw.nf4)):
+        if available and room(unet_weights_gib(params, method, half), method):
+            return method
+    return "int8" if hw.int8 else "none"  # nothing fits: the advice names a smaller size
 
 
 def _scaled_params(cfg: Config, model: str) -> int:
     """Parameter count of `model` for this profile (the tiny profile's models are tiny)."""
     return (TINY_PARAMS if cfg.profile == "tiny" else PARAMS)[model]
+
+
+def _unet_row(phase: str, device: str, method: str, half: str, gib: float, note: str) -> Placement:
+    """A UNet row: 16-bit, or quantised linear layers (dtype int8/nf4) with the rest in `half`."""
+    if method == "none":
+        return Placement(phase, "unet", device, half, round(gib, 2), note)
+    lib = "torchao weight-only" if method == "int8" else "bitsandbytes"
+    return Placement(phase, "unet", device, method, round(gib, 2), f"{lib} {method} linears, rest {half}; {note}", half)
 
 
 def device_plan(cfg: Config, hardware: Hardware | None = None) -> Plan:
@@ -263,38 +334,44 @@ def device_plan(cfg: Config, hardware: Hardware | None = None) -> Plan:
     half, precision = _half(cfg, hw, gpu)
     budget = max(hw.gpu_gib - CUDA_RESERVE_GIB, 0.0) if gpu else float("inf")
     px = (cfg.resolution / 1024) ** 2
-    batch = cfg.train.batch_size
-    unet = _gib(_scaled_params(cfg, "unet"), half)
+    params = _scaled_params(cfg, "unet")
     lora = LORA_PARAMS_PER_RANK * cfg.lora.rank * 16 / GIB  # fp32 weight + grad + 2 AdamW moments
-    act_train = ACTIVATIONS_1024["train" if cfg.train.gradient_checkpointing else "train_no_ckpt"] * px * batch
+    act = ACTIVATIONS_1024["train" if cfg.train.gradient_checkpointing else "train_no_ckpt"] * cfg.train.batch_size
+    extra = QUANT_TRAIN_EXTRA * cfg.train.batch_size  # over a quantised base only
+    train_q = _base_quantization(check_quantization(cfg.train.base_quantization, dev), hw, gpu, params, half,
+                                 lambda w, q: w + lora + (act + (extra if q != "none" else 0.0)) * px <= budget)
+    act += extra if train_q != "none" else 0.0
+    unet = unet_weights_gib(params, train_q, half)
     dec = _gib(_scaled_params(cfg, "vae_decoder"), "float32")
     enc = _gib(_scaled_params(cfg, "vae_encoder"), "float32")
-    # tile the VAE when the untiled decode would not fit beside the training UNet and its LoRA state
-    tiled = gpu and unet + lora + dec + ACTIVATIONS_1024["vae_decode"] * px > budget
+    denoise = ACTIVATIONS_1024["denoise"] * px
+    # tile the VAE when the untiled decode would not fit beside the validating UNet and its LoRA state
+    tiled = gpu and unet + lora + denoise + dec + ACTIVATIONS_1024["vae_decode"] * px > budget
     vae_act = ACTIVATIONS_1024["vae_decode_tiled" if tiled else "vae_decode"] * px
-    enc_act = ACTIVATIONS_1024["vae_encode_tiled" if tiled else "vae_encode"] * px * batch
+    enc_act = ACTIVATIONS_1024["vae_encode_tiled" if tiled else "vae_encode"] * px * cfg.train.batch_size
+    story_q = _base_quantization(check_quantization(cfg.generate.base_quantization, dev, "generate.base_quantization"),
+                                 hw, gpu, params, half, lambda w, q: w + denoise + dec + vae_act <= budget)
+    story = unet_weights_gib(params, story_q, half)
     vae_note = "fp32: DiffSynth upcasts SDXL VAEs" + (", tiled" if tiled else "")
+    ckpt = " with gradient checkpointing" if cfg.train.gradient_checkpointing else ""
     p = [
         _text_encoder(cfg, hw, gpu, half, budget, "cache-captions"),
         Placement("cache-latents", "vae_encoder", dev, "float32", round(enc + enc_act, 2),
                   vae_note + " (fp16-fix VAE)"),
-        Placement("train", "unet", dev, half, round(unet + act_train, 2), "frozen; activations"
-                  + (" with gradient checkpointing" if cfg.train.gradient_checkpointing else "")),
+        _unet_row("train", dev, train_q, half, unet + act * px, "frozen; activations" + ckpt),
         Placement("train", "lora", dev, "float32", round(lora, 2), f"rank {cfg.lora.rank}: weights, grads, AdamW"),
-        Placement("validate", "unet", dev, half, round(unet + ACTIVATIONS_1024["denoise"] * px, 2),
-                  "the training UNet, no_grad"),
+        _unet_row("validate", dev, train_q, half, unet + denoise, "the training UNet, no_grad"),
         Placement("validate", "lora", dev, "float32", round(lora, 2), "stays resident (AdamW state)"),
         Placement("validate", "vae_decoder", dev, "float32", round(dec + vae_act, 2), vae_note + " (fp16-fix VAE)"),
         _text_encoder(cfg, hw, gpu, half, budget, "storyboard-encode"),
-        Placement("storyboard-denoise", "unet", dev, half, round(unet + ACTIVATIONS_1024["denoise"] * px, 2),
-                  "LoRA merged into the weights"),
+        _unet_row("storyboard-denoise", dev, story_q, half, story + denoise,
+                  "LoRA merged into the weights" if story_q == "none" else "LoRA applied unmerged, fp32"),
         Placement("storyboard-denoise", "vae_decoder", dev, "float32", round(dec + vae_act, 2), vae_note),
         # fp32: the challenge scored in fp32; fp16 would move scores near the gate
         Placement("score", "aesthetic", dev, "float32",
                   round(_gib(_scaled_params(cfg, "aesthetic"), "float32") + ACTIVATIONS_1024["score"], 2),
                   "CLIP ViT-L/14 + linear head"),
     ]
-    act = ACTIVATIONS_1024["train" if cfg.train.gradient_checkpointing else "train_no_ckpt"] * batch
     return Plan(cfg.profile, hw if gpu else Hardware(False, ram_gib=hw.ram_gib), cfg.resolution, precision,
                 tiled, p, _train_resolution(cfg.resolution, budget - unet - lora, act) if gpu else None)
 
@@ -315,25 +392,3 @@ def caption_device(cfg: Config) -> str:
     from kolors_lib.core.devices import resolve_device
 
     return resolve_device(cfg.filter.caption_device or cfg.device)
-
-
-def to_int8(model: Any, device: str = "cuda") -> Any:
-    """Swap `model`'s Linear layers for bitsandbytes LLM.int8 ones and move it to `device` (quantises there).
-
-    Used for ChatGLM3-6B when the plan says int8: only on CUDA, only with bitsandbytes installed.
-    """
-    import bitsandbytes as bnb
-    import torch
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear) and child.out_features != PADDED_VOCAB:
-                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                            has_fp16_weights=False, threshold=6.0)
-                layer.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
-                                                 has_fp16_weights=False)
-                if child.bias is not None:
-                    layer.bias = torch.nn.Parameter(child.bias.data.to(torch.float16), requires_grad=False)
-                setattr(parent, name, layer)
-    return model.to(device)
-

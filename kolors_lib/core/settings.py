@@ -72,6 +72,8 @@ def lora_scale(alpha: float, rank: int) -> float:
 
 # step 03's optimizer and learning-rate schedule choices (recipe.py builds them)
 OPTIMIZERS = ("adamw", "lion", "adafactor", "prodigy", "adamw8bit", "lion8bit")
+# frozen base weights (issue 22): 16-bit, torchao int8 (CPU and CUDA), bitsandbytes NF4 (CUDA)
+QUANTIZATIONS = ("none", "int8", "nf4")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "plateau")
 # lora.target_modules presets (DiffSynth module names; peft matches them as name suffixes)
 TARGET_PRESETS = {
@@ -149,6 +151,8 @@ class TrainConfig:
     augment_crop_scale: float
     augment_jitter: float
     ema_decay: float
+    # issue 22: the frozen UNet's linear layers in none | int8 | nf4 (None: the device plan's choice)
+    base_quantization: str | None
 
 
 @dataclass
@@ -164,6 +168,7 @@ class GenerateConfig:
     height: int | None
     sweep_strengths: list[float]
     offload_text_encoder: bool
+    base_quantization: str | None  # the storyboard UNet: none | int8 | nf4 (None: the plan's choice)
     # best-of-N (kolors_lib/selection.py): seeds drafted per scene, draft settings, the objective's weight
     candidates: int
     draft_steps: int | None

@@ -21,13 +21,14 @@ import torch
 
 from kolors_lib.core.checks import finite
 from kolors_lib.core.config import Config
-from kolors_lib.core.device_plan import Placement, device_plan, to_int8
+from kolors_lib.core.device_plan import Placement, device_plan
 from kolors_lib.core.files import atomic_path, save_safetensors
+from kolors_lib.kolors.quantize import is_quantized, quantize_base, quantized_share, to_int8
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from kolors_lib.kolors.lora import LoraSpec
+    from kolors_lib.kolors.lora import LoraPair, LoraSpec
 
 
 # ---------------------------------------------------------------- small helpers
@@ -99,7 +100,8 @@ class LoraMerger:
 
     keep_base=True keeps a CPU copy of the targeted weights, so every `set` is bit-identical to a fresh
     merge; without it (no extra memory, for one-strength renders) the previous delta is subtracted
-    first, equal to a fresh merge up to float rounding.
+    first, equal to a fresh merge up to float rounding. Over int8/nf4 weights, which cannot take
+    W += ΔW, the LoRA stays unmerged: each adapted layer adds strength·scale·B·A·x to its output.
     """
 
     def __init__(self, unet: torch.nn.Module, lora: LoraSpec, keep_base: bool = False) -> None:
@@ -109,8 +111,10 @@ class LoraMerger:
         self.pairs = lora.pairs
         check_lora_fits(unet, self.pairs)  # raises LoraMismatchError naming keys, before any denoising
         params = dict(unet.named_parameters())
+        self.unmerged = any(is_quantized(params[f"{m}.weight"]) for m in self.pairs)
         self._base = ({m: params[f"{m}.weight"].detach().to("cpu", copy=True) for m in self.pairs}
-                      if keep_base else None)
+                      if keep_base and not self.unmerged else None)
+        self._hooks: list[Any] = []
         self.strength = 0.0
 
     def set(self, strength: float) -> None:
@@ -118,6 +122,12 @@ class LoraMerger:
         from kolors_lib.kolors.lora import merge_pairs
 
         strength = float(strength)
+        if self.unmerged:
+            if not self._hooks:
+                modules = dict(self.unet.named_modules())
+                self._hooks = [modules[m].register_forward_hook(self._adder(pair)) for m, pair in self.pairs.items()]
+            self.strength = strength
+            return
         if self.strength != 0.0:
             if self._base is None:  # undo the previous merge with the same arithmetic
                 merge_pairs(self.unet, self.pairs, -self.strength)
@@ -129,6 +139,24 @@ class LoraMerger:
         if strength != 0.0:
             merge_pairs(self.unet, self.pairs, strength)
         self.strength = strength
+
+    def _adder(self, pair: LoraPair) -> Any:
+        """A forward hook adding strength·scale·B·(A·x) (B, A cast once to the input's device and dtype)."""
+        cast: dict[tuple[Any, Any], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def add(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if self.strength == 0.0:
+                return None
+            x = inputs[0]
+            key = (x.device, x.dtype)
+            if key not in cast:
+                cast.clear()
+                cast[key] = (pair.down.to(x.device, x.dtype), pair.up.to(x.device, x.dtype))
+            down, up = cast[key]
+            delta = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+            return output + (self.strength * pair.scale) * delta.to(output.dtype)
+
+        return add
 
 
 # ---------------------------------------------------------------- the two-phase renderer
@@ -169,6 +197,8 @@ class KolorsRenderer:
     `SDXLImagePipeline.__call__` with `encode_prompt` answered from that cache, so the denoising
     is DiffSynth's own code and ChatGLM is never called (nor needed in memory) while it runs.
     """
+
+    base_quantization = "none"  # the UNet's int8/nf4 from the device plan (set by for_config)
 
     def __init__(self, root: Path, device: str = "cpu", dtype: torch.dtype | None = None,
                  offload_text_encoder: bool = True, text: Placement | None = None, tiled: bool = False,
@@ -228,8 +258,11 @@ class KolorsRenderer:
         """The renderer with every model where the device plan puts it."""
         plan = device_plan(cfg)
         unet = plan.get("storyboard-denoise", "unet")
-        return cls(root, unet.device, unet.torch_dtype, cfg.generate.offload_text_encoder,
-                   plan.get("storyboard-encode", "text_encoder"), plan.tiled_vae, cfg.prompt_cache_dir)
+        renderer = cls(root, unet.device, unet.torch_dtype, cfg.generate.offload_text_encoder,
+                       plan.get("storyboard-encode", "text_encoder"), plan.tiled_vae, cfg.prompt_cache_dir)
+        renderer.base_quantization = unet.quantization
+        renderer.quantize_unet()  # loaded already when ChatGLM is not offloaded
+        return renderer
 
     @classmethod
     def around_unet(cls, root: Path, unet: torch.nn.Module, embeddings: dict[tuple[str, bool], dict[str, torch.Tensor]],
@@ -262,6 +295,13 @@ class KolorsRenderer:
             setattr(self.pipe, name, manager.fetch_model(f"sdxl_{name}"))
         if self.pipe.unet is None:
             raise RuntimeError(f"{self.root}: DiffSynth found no Kolors UNet there")
+        self.quantize_unet()
+
+    def quantize_unet(self) -> None:
+        """The UNet's linear layers in the plan's int8/nf4 (generate.base_quantization), once it is loaded."""
+        unet = self.pipe.unet
+        if unet is not None and self.base_quantization != "none" and not quantized_share(unet):
+            quantize_base(unet, self.base_quantization, self.device)
 
     @property
     def scheduler_info(self) -> dict[str, Any]:

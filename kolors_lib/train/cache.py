@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from kolors_lib.core.config import Config
-from kolors_lib.core.device_plan import Placement, Plan, device_plan, to_int8
+from kolors_lib.core.device_plan import Placement, Plan, device_plan
 from kolors_lib.core.errors import TrainingError
 from kolors_lib.core.files import save_safetensors, write_text
+from kolors_lib.kolors.quantize import to_int8
 from kolors_lib.train.buckets import batch_plan, bucket_sizes, nearest_bucket
 
 CACHE_VERSION = "1"

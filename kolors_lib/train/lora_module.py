@@ -18,6 +18,7 @@ from kolors_lib.core.device_plan import Plan, device_plan
 from kolors_lib.core.errors import ConfigError, NonFiniteLossError, TrainingError
 from kolors_lib.core.settings import TARGET_PRESETS, LoraConfig, TrainConfig
 from kolors_lib.kolors.architecture import NUM_TRAIN_TIMESTEPS, kolors_scheduler
+from kolors_lib.kolors.quantize import quantize_base
 from kolors_lib.train.optim import (
     ema_state,
     make_ema,
@@ -116,9 +117,12 @@ class KolorsLoraModule(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: Config, plan: Plan | None = None) -> KolorsLoraModule:
         """Load the UNet in the device plan's training dtype and add LoRA (gaussian init, as the Kolors example)."""
-        unet = load_unet(cfg, (plan or device_plan(cfg)).get("train", "unet").torch_dtype)
+        place = (plan or device_plan(cfg)).get("train", "unet")
+        unet = load_unet(cfg, place.torch_dtype)
         torch.manual_seed(cfg.seed)  # the gaussian LoRA init must not depend on what ran before
-        return cls(inject_lora(unet, cfg.lora), cfg.lora, cfg.train.learning_rate,
+        # LoRA first, then the frozen base in int8/nf4 (plan's `train.base_quantization`): the LoRA stays fp32
+        unet = quantize_base(inject_lora(unet, cfg.lora), place.quantization, place.device)
+        return cls(unet, cfg.lora, cfg.train.learning_rate,
                    cfg.train.gradient_checkpointing, cfg.seed, options=cfg.train)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

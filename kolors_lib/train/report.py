@@ -18,7 +18,8 @@ from kolors_lib.train.validation import read_val_csv
 OPTION_KEYS = ("val_fraction", "val_files", "val_every", "val_draws", "early_stop_patience", "keep_best",
                "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
                "plateau_factor", "plateau_patience", "min_snr_gamma", "noise_offset", "buckets",
-               "bucket_max_aspect", "augment_variants", "augment_crop_scale", "augment_jitter", "ema_decay")
+               "bucket_max_aspect", "augment_variants", "augment_crop_scale", "augment_jitter", "ema_decay",
+               "base_quantization")
 
 
 def changed_options(t: TrainConfig) -> dict[str, Any]:
