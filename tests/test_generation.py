@@ -395,6 +395,30 @@ def test_render_one_prompt_at_strengths_and_seeds(board, stock, lora_file: Path)
         G.render(cfg, "  ", lora_path=lora_file)
 
 
+def test_sampler_steps_see_every_step_and_change_nothing(board, lora_file: Path, tmp_path: Path) -> None:
+    from kolors_lib.kolors.architecture import NUM_TRAIN_TIMESTEPS
+    from kolors_lib.kolors.renderer import SamplerSteps
+
+    cfg, result, _ = board
+    story_prompt = json.loads(result.manifest.read_text(encoding="utf-8"))["panels"][0]["story_prompt"]
+    seen = SamplerSteps()
+    with pytest.raises(RuntimeError, match="no render"):
+        seen.decode(torch.zeros(1, 4, 8, 8))
+    out = G.render(cfg, story_prompt, seeds=[1], lora_path=lora_file, name="watched", progress=False, on_step=seen)
+    assert np.array_equal(pixels(out.files[0]), pixels(result.panels[0])), "watching must not change the picture"
+    assert [s.index for s in seen.steps] == list(range(STEPS)) and seen.steps[-1].timestep == 0
+    assert seen.steps[0].timestep == NUM_TRAIN_TIMESTEPS - 1
+    # the last step goes to t = 0: the clean latents its noise guess implies are the finished picture
+    last = seen.steps[-1]
+    x0 = (last.latents - (1 - last.alpha_cumprod) ** 0.5 * last.noise_pred) / last.alpha_cumprod ** 0.5
+    assert np.abs(pixels(seen.decode(x0)).astype(int) - pixels(out.images[0])).max() <= 2
+    # img2img starts at the timestep its denoise names and runs only the steps below it
+    start = SamplerSteps()
+    G.refine(cfg, result.panels[0], "水墨画", denoise=0.5, lora_path=lora_file, seed=3, on_step=start,
+             out_path=tmp_path / "r.png")
+    assert start.steps[0].timestep == round(NUM_TRAIN_TIMESTEPS * 0.5) - 1 and len(start.steps) == STEPS
+
+
 def test_a_three_scene_story_renders_three_panels(tmp_path: Path, kolors_root: Path, lora_file: Path,
                                                    capsys) -> None:
     cfg = make_cfg(tmp_path / "w", kolors_root)

@@ -48,6 +48,44 @@ def test_a_run_prints_each_cell_as_it_starts(tmp_path: Path, capfd) -> None:
     assert any(ln.strip().startswith("[two cell 2/2]") for ln in still), lines
 
 
+LOOK_INSIDE = "## 看一看"  # the heading of each notebook's look-inside section (issue 23)
+# pictures each look-inside section draws: 02 removed images; 03 the ‖ΔW‖ chart and the noise grid;
+# 04 the emerging picture, the CFG strip and the img2img strip; 05 best and worst panel
+LOOK_INSIDE_PICTURES = {"02": 1, "03": 2, "04": 3, "05": 1}
+
+
+def section_pictures(notebook: dict, heading: str) -> int:
+    """PNG outputs of the code cells under the markdown `heading` (up to the next "## " heading)."""
+    inside, count = False, 0
+    for cell in notebook["cells"]:
+        text = "".join(cell["source"])
+        if cell["cell_type"] == "markdown" and text.startswith("## "):
+            inside = text.startswith(heading)
+        elif inside and cell["cell_type"] == "code":
+            count += sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+    return count
+
+
+def test_section_pictures_counts_only_the_section() -> None:
+    def cell(kind: str, text: str, pngs: int = 0) -> dict:
+        return {"cell_type": kind, "source": [text], "outputs": [{"data": {"image/png": "x"}}] * pngs}
+
+    nb = {"cells": [cell("code", "a", 1), cell("markdown", LOOK_INSIDE + " / look inside"), cell("code", "b", 2),
+                    cell("markdown", "some words"), cell("code", "c", 1), cell("markdown", "## 进阶"),
+                    cell("code", "d", 1)]}
+    assert section_pictures(nb, LOOK_INSIDE) == 3
+    assert section_pictures(nb, "## none") == 0
+
+
+def test_each_step_notebook_has_a_look_inside_section() -> None:
+    for number in LOOK_INSIDE_PICTURES:
+        nb = json.loads(next((ROOT / "notebooks").glob(f"{number}_*.ipynb")).read_text(encoding="utf-8"))
+        headings = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
+        assert sum(h.startswith(LOOK_INSIDE) for h in headings) == 1, number
+        code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+        assert "assert " in code, f"{number}: the look-inside cells check what they show against the library"
+
+
 @pytest.mark.slow
 def test_course_notebooks_run_in_sequence(tmp_path: Path) -> None:
     workdir = tmp_path / "course"
@@ -107,6 +145,11 @@ def test_course_notebooks_run_in_sequence(tmp_path: Path) -> None:
     executed = json.loads((workdir / "notebooks/02_clean_with_data_juicer.ipynb").read_text())
     images = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2
+
+    # each look-inside section (issue 23) ran its asserts and drew its pictures
+    for number, pictures in LOOK_INSIDE_PICTURES.items():
+        executed = json.loads(next(workdir.glob(f"notebooks/{number}_*.ipynb")).read_text(encoding="utf-8"))
+        assert section_pictures(executed, LOOK_INSIDE) == pictures, number
 
     # ... and results only: the libraries' messages are in each step's log, every bar shows where it ended
     for nb in done:

@@ -98,6 +98,20 @@ def test_cache_encodes_each_item_once_keyed_by_content(cfg: Config, monkeypatch:
     assert (bigger.encoded_texts, bigger.encoded_images) == (0, 3)
 
 
+def test_cached_batch_is_what_the_training_dataset_serves(cfg: Config) -> None:
+    from kolors_lib.core.errors import MissingInputError
+    from kolors_lib.train.cache import CachedDataset, cached_batch
+
+    with pytest.raises(MissingInputError, match="train a LoRA first"):
+        cached_batch(cfg.lora_dir / "cache")
+    report = build_cache(cfg)
+    name, batch = cached_batch(report.root, 1)
+    assert name == report.samples[1].file_name
+    served = next(item for i in range(3) if torch.equal((item := CachedDataset(report, i, 1, 0, False)[0])["latents"],
+                                                        batch["latents"][0]))
+    assert set(batch) == set(served) and all(torch.equal(batch[k][0], served[k]) for k in served)
+
+
 def test_random_flip_caches_both_orientations(cfg: Config) -> None:
     cfg.train.random_flip = True
     report = build_cache(cfg)

@@ -113,20 +113,24 @@ def _clip(caption: str, width: int) -> str:
     return "\n".join(line if len(line) <= width else line[:width - 1] + "…" for line in caption.split("\n"))
 
 
-def _thumbnail(path: Path, pixels: int) -> Image.Image:
-    """The image upright, in 8-bit RGB, no larger than `pixels` on a side."""
+def _thumbnail(source: Path | Image.Image, pixels: int) -> Image.Image:
+    """The image (a file, or a picture in memory) upright, in 8-bit RGB, no larger than `pixels` on a side."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
+    if isinstance(source, Image.Image):
+        img = source.copy()  # thumbnail() works in place: the caller's picture stays as it is
+        img.thumbnail((pixels, pixels))
+        return to_rgb(img)[0]
+    with Image.open(source) as img:
         img = ImageOps.exif_transpose(img)
         img.thumbnail((pixels, pixels))
         return to_rgb(img)[0]
 
 
-def image_grid(images: Sequence[str | Path], captions: Sequence[str] | None = None, *, cols: int = 6,
+def image_grid(images: Sequence[str | Path | Image.Image], captions: Sequence[str] | None = None, *, cols: int = 6,
                thumb: int = 160, title: str = "", font: Path | None = None, fontsize: int = 7,
                max_chars: int = 24, empty: str = "no images") -> Figure:
-    """A grid of `images` with one caption each (default: the file name) as a matplotlib Figure.
+    """A grid of `images` (files or PIL pictures) with one caption each (default: the file name) as a Figure.
 
     `thumb` is the cell size in pixels; a font that draws the captions' Chinese is found when `font`
     is None; an unreadable file shows a placeholder instead of hiding the rest of the grid.
@@ -134,9 +138,11 @@ def image_grid(images: Sequence[str | Path], captions: Sequence[str] | None = No
     import numpy as np
     from matplotlib.figure import Figure
     from matplotlib.font_manager import FontProperties
+    from PIL import Image
 
-    paths = [Path(p) for p in images]
-    texts = [(captions[i] if captions and i < len(captions) else p.name) for i, p in enumerate(paths)]
+    paths = [p if isinstance(p, Image.Image) else Path(p) for p in images]
+    texts = [(captions[i] if captions and i < len(captions) else getattr(p, "name", f"image {i + 1}"))
+             for i, p in enumerate(paths)]
     font = font or find_cjk_font(title + "".join(texts))
     props = FontProperties(fname=str(font)) if font is not None else None
     cols = max(1, min(cols, len(paths) or 1))

@@ -12,7 +12,8 @@ import contextlib
 import gc
 import io
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,6 +158,66 @@ class LoraMerger:
             return output + (self.strength * pair.scale) * delta.to(output.dtype)
 
         return add
+
+
+# ---------------------------------------------------------------- looking inside the sampler
+
+
+@dataclass
+class SamplerStep:
+    """What the sampler had at one denoising step: its input, the UNet's noise prediction (after CFG)."""
+
+    index: int  # 0-based step number
+    timestep: int  # the training timestep this step stands for (0 .. num_train_timesteps-1, 1099 for Kolors)
+    alpha_cumprod: float  # ᾱ_t of Kolors' noise schedule: latents = √ᾱ·clean + √(1-ᾱ)·noise
+    latents: torch.Tensor  # x_t, the noisy latents the UNet saw
+    noise_pred: torch.Tensor  # ε̂, the noise the UNet (with classifier-free guidance) saw in them
+
+
+class SamplerSteps:
+    """A `render(on_step=...)` callback that keeps every step's SamplerStep, and decodes latents to pictures.
+
+    It holds the renderer's VAE (for `decode`) until it is dropped.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[SamplerStep] = []
+        self._decode: Callable[[torch.Tensor], Image.Image] | None = None
+
+    def __call__(self, step: SamplerStep, decode: Callable[[torch.Tensor], Image.Image]) -> None:
+        self.steps.append(step)
+        self._decode = decode
+
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """Latents -> picture through the VAE decoder of the render that filled this collector."""
+        if self._decode is None:
+            raise RuntimeError("no render has called this collector yet: pass it as render(..., on_step=steps)")
+        return self._decode(latents)
+
+
+@contextlib.contextmanager
+def _watch_steps(pipe: Any, on_step: Callable[[SamplerStep, Any], None] | None,
+                 decode: Callable[[torch.Tensor], Image.Image]) -> Iterator[None]:
+    """Report each call of the pipeline's scheduler.step (x_t and ε̂) to `on_step`; the step itself is unchanged."""
+    if on_step is None:
+        yield
+        return
+    scheduler = pipe.scheduler
+    original = scheduler.step
+
+    def step(model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        t = int(timestep.flatten()[0])
+        on_step(SamplerStep(len(seen), t, float(scheduler.alphas_cumprod[t]), sample.detach().clone(),
+                            model_output.detach().clone()), decode)
+        seen.append(t)
+        return original(model_output, timestep, sample, **kwargs)
+
+    seen: list[int] = []
+    scheduler.step = step  # an instance attribute shadows the method for this call only
+    try:
+        yield
+    finally:
+        del scheduler.step
 
 
 # ---------------------------------------------------------------- the two-phase renderer
@@ -437,18 +498,30 @@ class KolorsRenderer:
                 model.to(self.device)
 
     @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """Latents -> picture by the pipeline's own VAE decoding (as at the end of a render)."""
+        self._load_denoiser()
+        self._to_device(["vae_decoder"])
+        return self.pipe.decode_image(latents.to(self.device, self.dtype), tiled=self.tiled)
+
+    @torch.no_grad()
     def render(self, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float, width: int, height: int,
-               input_image: Image.Image | None = None, denoising_strength: float = 1.0) -> Image.Image:
-        """Phase 2: one image by the stock pipeline call, prompts answered from the phase-1 cache."""
+               input_image: Image.Image | None = None, denoising_strength: float = 1.0,
+               on_step: Callable[[SamplerStep, Any], None] | None = None) -> Image.Image:
+        """Phase 2: one image by the stock pipeline call, prompts answered from the phase-1 cache.
+
+        `on_step` (e.g. a SamplerSteps) is called at every denoising step with a SamplerStep and a decoder.
+        """
         self._cached_prompt(prompt, positive=True)  # fail before any work if it was not encoded
         self._cached_prompt(negative, positive=False)
         if "denoise" not in self.peak_memory:
             _peak_reset(self.device)
         self._load_denoiser()
         self._to_device(["unet", "vae_decoder"] + (["vae_encoder"] if input_image is not None else []))
-        image = self.pipe(prompt, negative_prompt=negative, cfg_scale=cfg_scale, height=height, width=width,
-                          num_inference_steps=steps, seed=seed, input_image=input_image,
-                          denoising_strength=denoising_strength, tiled=self.tiled, progress_bar_cmd=_quiet)
+        with _watch_steps(self.pipe, on_step, self.decode):
+            image = self.pipe(prompt, negative_prompt=negative, cfg_scale=cfg_scale, height=height, width=width,
+                              num_inference_steps=steps, seed=seed, input_image=input_image,
+                              denoising_strength=denoising_strength, tiled=self.tiled, progress_bar_cmd=_quiet)
         self.peak_memory["denoise"] = max(self.peak_memory.get("denoise") or 0, _peak(self.device) or 0) or None
         return image
 
@@ -458,5 +531,5 @@ def _encode_one(pipe: Any, prompt: str, positive: bool) -> dict[str, torch.Tenso
     return type(pipe).encode_prompt(pipe, prompt, clip_skip=1, clip_skip_2=2, positive=positive)
 
 
-__all__ = ["KolorsRenderer", "LoraMerger", "check_lora_against", "checked_strength", "default_dtype",
-           "default_lora_path", "read_lora", "save_png"]
+__all__ = ["KolorsRenderer", "LoraMerger", "SamplerStep", "SamplerSteps", "check_lora_against", "checked_strength",
+           "default_dtype", "default_lora_path", "read_lora", "save_png"]

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from kolors_lib.kolors.lora import LoraSpec
+    from kolors_lib.kolors.renderer import SamplerStep
 
 MANIFEST_NAME = MANIFEST_FILE
 GRID_NAME = GRID_FILE
@@ -377,8 +378,11 @@ def _render_name(prompt: str) -> str:
 def render(cfg: Config, prompt: str, strengths: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
            *, lora_path: str | Path | None = None, negative: str | None = None, steps: int | None = None,
            width: int | None = None, height: int | None = None, cfg_scale: float | None = None,
-           name: str | None = None, progress: bool = True) -> RenderResult:
+           name: str | None = None, progress: bool = True,
+           on_step: Callable[[SamplerStep, Any], None] | None = None) -> RenderResult:
     """One prompt at each strength (default generate.strength) x seed (default cfg.seed), with the LoRA.
+
+    `on_step` (a kolors.renderer.SamplerSteps, say) sees every denoising step of every image.
 
     Settings not given come from the story file (negative, cfg_scale) and the profile (steps, size),
     as for the storyboard. Writes cfg.renders_dir/NAME/ (default name: from the prompt's hash):
@@ -409,7 +413,7 @@ def render(cfg: Config, prompt: str, strengths: Sequence[float] | None = None, s
     for strength, seed in tqdm([(a, b) for a in strengths for b in seeds], desc="images", disable=not progress):
         if merger.strength != strength:  # a fresh merger is the base model (strength 0)
             merger.set(strength)
-        images.append(renderer.render(prompt, negative, seed, steps, cfg_scale, width, height))
+        images.append(renderer.render(prompt, negative, seed, steps, cfg_scale, width, height, on_step=on_step))
         files.append(save_png(images[-1], folder / f"s{strength:.2f}_seed{seed}.png"))
         captions.append(f"strength {strength:g} · seed {seed}")
     grid = save_figure(grid_figure(files, captions, title=name or "", cols=len(seeds)), folder / "grid.png")
@@ -431,13 +435,14 @@ def _round_size(value: int) -> int:
 def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.5, *, width: int | None = None,
            height: int | None = None, seed: int | None = None, steps: int | None = None,
            strength: float | None = None, lora_path: str | Path | None = None, negative: str | None = None,
-           cfg_scale: float | None = None, out_path: str | Path | None = None) -> Path:
+           cfg_scale: float | None = None, out_path: str | Path | None = None,
+           on_step: Callable[[SamplerStep, Any], None] | None = None) -> Path:
     """img2img: re-render `image_path` (a small draft, or any picture to restyle) with Kolors + LoRA.
 
     The picture is resized to width x height (default: its own size rounded to multiples of 64),
     VAE-encoded, noised to `denoise` (0 keeps it, 1 ignores it) and denoised by the stock pipeline
     (`input_image` + `denoising_strength`). Returns the written PNG (default
-    storyboard_dir/refined/<name>_refined.png).
+    storyboard_dir/refined/<name>_refined.png). `on_step`: as for `render`.
     """
     from PIL import Image, ImageOps
 
@@ -463,7 +468,7 @@ def refine(cfg: Config, image_path: str | Path, prompt: str, denoise: float = 0.
     LoraMerger(renderer.unet, lora).set(strength)
     result = renderer.render(prompt, negative, seed, steps,
                              settings.cfg_scale if cfg_scale is None else cfg_scale, width, height,
-                             input_image=img, denoising_strength=float(denoise))
+                             input_image=img, denoising_strength=float(denoise), on_step=on_step)
     out = Path(out_path) if out_path else cfg.storyboard_dir / "refined" / f"{image_path.stem}_refined.png"
     return save_png(result, out)
 

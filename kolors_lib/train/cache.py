@@ -23,7 +23,7 @@ import torch
 
 from kolors_lib.core.config import Config
 from kolors_lib.core.device_plan import Placement, Plan, device_plan
-from kolors_lib.core.errors import TrainingError
+from kolors_lib.core.errors import MissingInputError, TrainingError
 from kolors_lib.core.files import save_safetensors, write_text
 from kolors_lib.kolors.quantize import to_int8
 from kolors_lib.train.buckets import batch_plan, bucket_sizes, nearest_bucket
@@ -305,6 +305,17 @@ def load_latents(root: Path, key: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(root / "latents" / f"{key}.safetensors"))
+
+
+def cached_batch(root: Path, index: int = 0) -> tuple[str, dict[str, torch.Tensor]]:
+    """Training image `index` of the cache in `root` (lora/cache) as a batch of one: its file name and the batch."""
+    listing = root / "index.json"
+    if not listing.is_file():
+        raise MissingInputError(f"{listing} not found: train a LoRA first (step 03), it fills the cache")
+    entries = json.loads(listing.read_text(encoding="utf-8"))
+    entry = entries[index]
+    batch = {"latents": load_latents(root, entry["image_key"])["latents"], **load_text(root, entry["text_key"])}
+    return entry["file_name"], {k: v[None] for k, v in batch.items()}
 
 
 class CachedDataset(torch.utils.data.Dataset):
