@@ -115,7 +115,7 @@ def test_reproduce_redraws_a_chosen_final(best, tmp_path: Path) -> None:
 def test_a_rerun_makes_the_same_choices_and_states_its_cost(best, setup, capsys) -> None:
     cfg, result, first = best
     root, config, lora = setup
-    code = cli.main(["storyboard", "--config", str(config), "--profile", "tiny", "--workdir", str(root / "w"),
+    code = cli(["storyboard", "--config", str(config), "--profile", "tiny", "--workdir", str(root / "w"),
                               "--lora", str(lora), "--candidates", str(N)])
     out, err = capsys.readouterr()
     assert code == 0, err
