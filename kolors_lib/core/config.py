@@ -28,7 +28,7 @@ from kolors_lib.core.settings import (
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-PROFILES = ("full", "tiny", "auto")
+PROFILES = ("full", "tiny", "toy", "auto")
 LORA_FORMATS = ("diffsynth", "diffusers", "kohya")  # the LoRA namings export-lora writes
 NAME_HINT = "队伍名称-可图Kolors训练-xxx"  # the challenge's model-name style
 # file names every step agrees on (read them through the Config properties below)
@@ -162,6 +162,11 @@ class Config:
         """Where the tiny profile writes its random-weight models."""
         return self.models_dir / "tiny"
 
+    @property
+    def toy_models_dir(self) -> Path:
+        """Where the toy profile copies its trained models (kept once per machine: offline_models.toy)."""
+        return self.models_dir / "toy"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (paths as strings) for reports and manifests."""
         return _plain(dataclasses.asdict(self))
@@ -196,16 +201,16 @@ def cuda_available() -> bool:
 
 
 def resolve_profile(profile: str) -> str:
-    """Map `auto` to `full` on a CUDA machine, else to `tiny` with a visible notice."""
+    """Map `auto` to `full` on a CUDA machine, else to `toy` with a visible notice."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     if profile != "auto":
         return profile
     if cuda_available():
         return "full"
-    print("NOTICE: profile 'auto': no CUDA GPU found, using the 'tiny' profile (random-weight Kolors on CPU)",
-          file=sys.stderr)
-    return "tiny"
+    print("NOTICE: profile 'auto': no CUDA GPU found, using the 'toy' profile (a small Kolors trained on a toy "
+          "world of coloured shapes, on CPU; trained once per machine)", file=sys.stderr)
+    return "toy"
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -262,7 +267,7 @@ def _absolutize(data: dict[str, Any], base: Path) -> None:
             if not isinstance(node, dict) or not isinstance(node.get(keys[-1]), str):
                 continue
             value = node[keys[-1]]
-            if value in ("modelscope", "sample") or "{workdir}" in value:
+            if value in ("modelscope", "sample", "toy") or "{workdir}" in value:
                 continue
             node[keys[-1]] = str(_path(value, base))
 
@@ -382,7 +387,7 @@ def _from_dict(
     if models_raw:
         raise ConfigError(f"{where}: unknown key(s) under models: {', '.join(sorted(models_raw))}")
     data_cfg = _build(DataConfig, data.pop("data", {}) or {}, f"{where}: data")
-    if data_cfg.source not in ("modelscope", "sample"):
+    if data_cfg.source not in ("modelscope", "sample", "toy"):
         data_cfg.source = str(_path(data_cfg.source, base, wd))
     filt = _build(FilterConfig, data.pop("filter", {}) or {}, f"{where}: filter")
     filt.recipe = _path(filt.recipe, base, wd) or Path(default_setting("filter", "recipe"))

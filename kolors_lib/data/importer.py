@@ -221,7 +221,7 @@ def _hub_error(cfg: Config, err: BaseException, offline: bool) -> DataError:
     return DataError(
         f"could not load ModelScope dataset {cfg.data.dataset_id!r}: {why}{extra}. "
         "Pass a local image folder instead: `python -m kolors_lib data import SRC` "
-        "(or set data.source to a folder, or 'sample', in the config)."
+        "(or set data.source to a folder, 'sample' or 'toy', in the config)."
     )
 
 
@@ -385,6 +385,10 @@ def import_dataset(cfg: Config, source: str | Path | None = None) -> ImportResul
 
         folder = make_sample_images(cfg.workdir / "data" / "sample-source", cfg.seed)
         return import_folder(cfg, folder)
+    if isinstance(source, str) and source == "toy":
+        from kolors_lib.data.toy_world import make_ink_images
+
+        return import_folder(cfg, make_ink_images(cfg.workdir / "data" / "toy-source", cfg.seed))
     return import_folder(cfg, source)
 
 

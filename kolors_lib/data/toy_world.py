@@ -9,8 +9,10 @@ how tests check that the toy model draws what it is asked.
 from __future__ import annotations
 
 import colorsys
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -27,7 +29,7 @@ PAPER = (242, 238, 228)  # the ink style's ground, whatever the caption says
 INK = (30, 30, 30)
 # kept out of the training set so a test can ask for a combination the model never saw
 HELD_OUT = (("黄色", "三角形", "黑色"), ("蓝色", "圆形", "灰色"), ("绿色", "方形", "白色"))
-CAPTION = re.compile(r"一个(\S+?)的(\S+?)，(\S+?)的背景")
+CAPTION = re.compile(r"一个(\S+?)的(\S+?)[，,]\s*(\S+?)的背景")  # step 02 rewrites "，" as ", "
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,15 @@ def _outline(shape: str, box: tuple[float, float, float, float]) -> list[tuple[f
     return [((x0 + x1) / 2, y0), (x1, y1), (x0, y1)] if shape == "三角形" else None
 
 
-def draw(scene: Scene, size: int, rng: np.random.Generator, ink: bool = False) -> Image.Image:
-    """One picture of `scene`: the object at a random size and place, drawn 4x larger then reduced (smooth edges)."""
-    big = 4 * size
+def draw(scene: Scene, size: int, rng: np.random.Generator, ink: bool = False, supersample: int = 4) -> Image.Image:
+    """One picture of `scene`: the object at a random size and place, drawn larger then reduced (smooth edges)."""
+    big = supersample * size
     side = rng.uniform(0.45, 0.7) * big
     cx, cy = (rng.uniform(side / 2 + big * 0.05, big - side / 2 - big * 0.05) for _ in range(2))
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
     ground, fill, line = GROUNDS[scene.ground], COLOURS[scene.colour], None
     if ink:  # grey wash of the colour's lightness, a dark brush outline, paper ground
-        grey = int(0.35 * 255 * colorsys.rgb_to_hls(*(c / 255 for c in fill))[1] + 90)
+        grey = int(70 + 0.6 * (0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]))
         ground, fill, line = PAPER, (grey, grey, grey - 4), INK
     image = Image.new("RGB", (big, big), ground)
     pen = ImageDraw.Draw(image)
@@ -86,13 +88,33 @@ def draw(scene: Scene, size: int, rng: np.random.Generator, ink: bool = False) -
     return image.resize((size, size), Image.Resampling.BOX)
 
 
-def samples(count: int, size: int, seed: int, ink: bool = False,
-            scenes: list[Scene] | None = None) -> list[tuple[Image.Image, Scene]]:
+def samples(count: int, size: int, seed: int, ink: bool = False, scenes: list[Scene] | None = None,
+            supersample: int = 4) -> list[tuple[Image.Image, Scene]]:
     """`count` pictures drawn from `scenes` (default: the training scenes), the same for the same seed."""
     rng = np.random.default_rng(seed)
     pool = scenes or all_scenes()
     picks = rng.integers(0, len(pool), count)
-    return [(draw(pool[i], size, rng, ink), pool[i]) for i in picks]
+    return [(draw(pool[i], size, rng, ink, supersample), pool[i]) for i in picks]
+
+
+INK_SET_VERSION = 1
+
+
+def make_ink_images(dest: Path, seed: int, count: int = 16, size: int = 1024) -> Path:
+    """The toy profile's step-01 source: `count` 水墨 pictures of the world with .txt captions (content only)."""
+    from kolors_lib.core.files import staged_folder, write_json
+
+    dest = Path(dest)
+    info = {"seed": seed, "count": count, "size": size, "version": INK_SET_VERSION}
+    manifest = dest / ".ink-manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")) == info:
+        return dest
+    with staged_folder(dest) as tmp:
+        for i, (picture, scene) in enumerate(samples(count, size, seed, ink=True, supersample=1)):
+            picture.save(tmp / f"ink_{i:02d}.png", format="PNG")
+            (tmp / f"ink_{i:02d}.txt").write_text(scene.caption, encoding="utf-8")
+        write_json(info, tmp / manifest.name)
+    return dest
 
 
 @dataclass(frozen=True)
