@@ -109,9 +109,12 @@ def make_ink_images(dest: Path, seed: int, count: int = 16, size: int = 1024) ->
     manifest = dest / ".ink-manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")) == info:
         return dest
+    grain = np.random.default_rng(seed + 1)
     with staged_folder(dest) as tmp:
         for i, (picture, scene) in enumerate(samples(count, size, seed, ink=True, supersample=1)):
-            picture.save(tmp / f"ink_{i:02d}.png", format="PNG")
+            # paper grain: the look of xuan paper, and it keeps each PNG above step 02's 20 KB minimum
+            noisy = np.asarray(picture, dtype=np.int16) + grain.integers(-6, 7, (size, size, 1))
+            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(tmp / f"ink_{i:02d}.png", format="PNG")
             (tmp / f"ink_{i:02d}.txt").write_text(scene.caption, encoding="utf-8")
         write_json(info, tmp / manifest.name)
     return dest

@@ -47,7 +47,7 @@ RESOLUTION = 64  # 8x8 latents: only there does a few-thousand-step run fit in m
 # step 02 also rewrites a caption's "，" as ", " (clean.recipe.build_caption): both forms are trained
 PREFIXES = ("", "kstory, ", "古风，水墨画，", "kstory, 古风，水墨画，")
 FORMS = ("，", ", ")
-RECIPE = {"pictures": 4096, "vae_steps": 400, "vae_batch": 16, "vae_crop": 32, "vae_lr": 2e-3,
+RECIPE = {"pictures": 4096, "vae_steps": 500, "vae_batch": 16, "vae_crop": 32, "vae_lr": 2e-3,
           "unet_steps": 1500, "unet_batch": 32, "unet_lr": 1e-3, "uncond": 0.1}
 MINUTES = 8  # measured on 2 quiet cores (the notice's estimate)
 Loader = Callable[[list[Path]], Any]  # kolors.models.load_model_manager: the one loading path
