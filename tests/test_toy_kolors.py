@@ -6,7 +6,9 @@ course's own code (once per machine, ~8 min on 2 cores; later runs copy the kept
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,16 +64,24 @@ def test_the_toy_model_draws_what_it_is_asked(toy: Config) -> None:
     assert shape >= 0.6
 
 
-def test_step03_lora_on_toy_makes_the_ink_style_visible(toy: Config) -> None:
+def step03_lora(cfg: Config) -> Path:
+    """Steps 01-03 on `cfg` with the profile's defaults (once per module): the LoRA learner gets."""
     from kolors_lib.clean.pipeline import filter_dataset
     from kolors_lib.data.importer import import_dataset
-    from kolors_lib.kolors.story import load_story
-    from kolors_lib.storyboard.storyboard import render
     from kolors_lib.train.training import train_lora
 
-    import_dataset(toy)
-    filter_dataset(toy)
-    lora = train_lora(toy).lora_path
+    if not cfg.lora_path.exists():
+        import_dataset(cfg)
+        filter_dataset(cfg)
+        train_lora(cfg)
+    return cfg.lora_path
+
+
+def test_step03_lora_on_toy_makes_the_ink_style_visible(toy: Config) -> None:
+    from kolors_lib.kolors.story import load_story
+    from kolors_lib.storyboard.storyboard import render
+
+    lora = step03_lora(toy)
     ink = [measure(Image.open(p).convert("RGB").resize((64, 64), Image.Resampling.BOX)).saturation
            for p in sorted((toy.workdir / "data" / "toy-source").glob("*.png"))]
     scenes = load_story(toy.generate.story, count_notice=False).scenes
@@ -91,3 +101,20 @@ def test_step03_lora_on_toy_makes_the_ink_style_visible(toy: Config) -> None:
     assert all(b < a for a, b in zip(means, means[1:], strict=False)), "saturation does not fall with strength"
     assert means[-1] <= means[0] - 0.5 * (means[0] - style), "strength 1 is not half way to the style"
     assert shape >= 0.6
+
+
+def test_best_of_n_on_toy_never_chooses_below_the_story_seeds(toy: Config) -> None:
+    from kolors_lib.storyboard.storyboard import render_storyboard
+
+    step03_lora(toy)
+    result = render_storyboard(toy, candidates=3, progress=False)
+    manifest = json.loads(result.manifest_path.read_text())
+    selection = manifest["selection"]
+    for scene in selection["scenes"]:
+        values = [c["value"] for c in scene["candidates"]]
+        assert scene["candidates"][0]["seed"] == scene["story_seed"]
+        assert values[scene["chosen"]] == max(values) >= values[0]
+    print(f"\nbest of 3: objective {selection['story_seeds']['objective']} (story seeds) -> "
+          f"{selection['chosen_seeds']['objective']} (chosen)")
+    assert selection["chosen_seeds"]["objective"] >= selection["story_seeds"]["objective"]
+    assert [p["seed"] for p in manifest["panels"]] == [s["chosen_seed"] for s in selection["scenes"]]
