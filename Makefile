@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint demo bench rehearse learn clean
+.PHONY: setup test lint demo bench rehearse learn toy-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml scripts/setup_env.py
 	$(PYTHON) scripts/setup_env.py --venv $(VENV)
@@ -23,8 +23,8 @@ lint: setup  ## ruff + notebooks committed without outputs
 test: lint  ## library tests + every notebook through papermill on the tiny profile, offline
 	$(BIN)/python -m pytest
 
-demo: setup  ## run the whole course (notebooks 01..) on the toy model (trained once per machine), offline
-	$(BIN)/python scripts/notebooks.py run --profile toy --workdir workdir/demo
+demo: setup  ## run the whole course (notebooks 01..) on the tiny model, offline
+	$(BIN)/python scripts/notebooks.py run --profile tiny --workdir workdir/demo
 
 bench: setup  ## real-size Kolors, random weights: memory and speed, ours vs stock (results: docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py
@@ -32,8 +32,11 @@ bench: setup  ## real-size Kolors, random weights: memory and speed, ours vs sto
 rehearse: setup  ## notebooks 01..06 on profile full with a real-size random Kolors, on CPU (writes ~17 GB once)
 	KOLORS_REHEARSE=1 $(BIN)/python -m pytest -m slow tests/test_fullsize.py -k rehearsal -s
 
-learn: setup  ## the honest checks on the toy Kolors (trained once per machine, ~8 min): a LoRA learns its pictures, not from no data; the toy draws what it is asked; step 03's LoRA makes the ink style visible
-	KOLORS_LEARN=1 $(BIN)/python -m pytest -m slow tests/test_it_learns.py tests/test_toy_kolors.py -s
+learn: setup  ## the honest "it learns" check on the toy Kolors (trained once per machine, ~11 CPU-min; then ~1 min): a LoRA lowers its pictures' validation loss, one fed no data does not
+	KOLORS_LEARN=1 $(BIN)/python -m pytest -m slow tests/test_it_learns.py -s
+
+toy-check: setup  ## issue 21's acceptance checks on the toy Kolors (NOT PASSING YET: the toy recipe does not follow colours): draws what it is asked; step 03's LoRA shows the ink style; best-of-N
+	KOLORS_TOY_CHECKS=1 $(BIN)/python -m pytest -m slow tests/test_toy_kolors.py -s
 
 clean:
 	rm -rf workdir .pytest_cache .ruff_cache

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TORCH = "2.13.0"
 NO_GPU = ("WARNING: no NVIDIA GPU in this notebook. Training (step 03) and the real Kolors need a CUDA GPU "
           "(ModelScope: start a GPU instance; Colab: Runtime > Change runtime type > T4 GPU). On this CPU the "
-          "'toy' profile still runs every step, with a small Kolors trained once on a toy world of shapes.")
+          "'tiny' profile still runs every step, with a small random-weight Kolors, to learn the workflow.")
 RESTART = ("Done. Now RESTART THE KERNEL (Jupyter: Kernel > Restart Kernel; Colab: Runtime > Restart session) "
            "so that Python imports the versions just installed, then open 01_download_dataset.ipynb.")
 

@@ -42,12 +42,12 @@ def test_toy_profile_draws_its_own_world_under_the_workdir(tmp_path: Path) -> No
     assert cfg.data.source == "toy" and cfg.generate.story == DEFAULT_CONFIG.parent / "toy_story.yaml"
 
 
-def test_auto_falls_back_to_toy_with_a_notice(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_auto_falls_back_to_tiny_with_a_notice(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setattr(config_mod, "cuda_available", lambda: False)
     cfg = load_config(profile="auto")
-    assert cfg.profile == "toy"
+    assert cfg.profile == "tiny"
     err = capsys.readouterr().err
-    assert "NOTICE" in err and "'toy' profile" in err
+    assert "NOTICE" in err and "'tiny' profile" in err
     monkeypatch.setattr(config_mod, "cuda_available", lambda: True)
     assert load_config(profile="auto").profile == "full"
 

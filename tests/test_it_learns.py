@@ -23,7 +23,7 @@ from tests.train_sets import write_train_set
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("KOLORS_LEARN") != "1",
-                                 reason="trains the toy Kolors once (~8 min), then ~3 min: make learn")]
+                                 reason="trains the toy Kolors once (~11 CPU-min), then ~1 min: make learn")]
 
 RES = 64
 CAPTIONS = ["kstory, a red square on black", "kstory, a blue disc on white",

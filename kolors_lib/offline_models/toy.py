@@ -49,7 +49,7 @@ PREFIXES = ("", "kstory, ", "古风，水墨画，", "kstory, 古风，水墨画
 FORMS = ("，", ", ")
 RECIPE = {"pictures": 4096, "vae_steps": 500, "vae_batch": 16, "vae_crop": 32, "vae_lr": 2e-3,
           "unet_steps": 1500, "unet_batch": 32, "unet_lr": 1e-3, "uncond": 0.1}
-MINUTES = 8  # measured on 2 quiet cores (the notice's estimate)
+MINUTES = 11  # estimate: 682 CPU-s measured with one thread under load (2026-12-07); quiet 2 cores not measured
 Loader = Callable[[list[Path]], Any]  # kolors.models.load_model_manager: the one loading path
 
 
