@@ -60,7 +60,7 @@ def unet_flops(resolution: int) -> float:
     from diffsynth.models.sdxl_unet import SDXLUNet
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kolors_lib.train.lora_module import add_time_ids
+    from kolors_lib.train.denoise import add_time_ids
 
     with torch.device("meta"):
         unet = SDXLUNet(is_kolors=True)
@@ -244,7 +244,8 @@ def case_cpu_1024(args: argparse.Namespace, cfg) -> dict:  # noqa: ANN001
 
     from kolors_lib.core.device_plan import device_plan
     from kolors_lib.kolors.quantize import tensor_bytes
-    from kolors_lib.train.lora_module import KolorsLoraModule, add_time_ids
+    from kolors_lib.train.denoise import add_time_ids
+    from kolors_lib.train.lora_module import KolorsLoraModule
 
     plan = device_plan(cfg)
     module = KolorsLoraModule.from_config(cfg, plan)

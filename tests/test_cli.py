@@ -139,3 +139,5 @@ def test_tiny_kolors_and_export_lora_take_the_common_options(tmp_path: Path) -> 
     assert Path(done.stdout.strip().splitlines()[-1]) == out and detect_format(load_lora(out)[0]) == "kohya"
     full = _cli("tiny-kolors", "--size", "full", "--workdir", str(work))
     assert full.returncode == 2 and "needs DIR" in full.stderr
+    both = _cli("tiny-kolors", "--toy", "--size", "full", str(tmp_path / "x"))
+    assert both.returncode == 2 and "--toy and --size full" in both.stderr and not (tmp_path / "x").exists()

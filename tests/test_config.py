@@ -35,6 +35,13 @@ def test_default_workdir_is_the_repo_workdir() -> None:
     assert load_config(profile="tiny").workdir == DEFAULT_CONFIG.parent.parent / "workdir"
 
 
+def test_toy_profile_draws_its_own_world_under_the_workdir(tmp_path: Path) -> None:
+    cfg = load_config(profile="toy", workdir=tmp_path / "w")
+    assert (cfg.profile, cfg.device, cfg.resolution) == ("toy", "cpu", 64)
+    assert cfg.models.kolors.local_dir == cfg.toy_models_dir / "Kolors"
+    assert cfg.data.source == "toy" and cfg.generate.story == DEFAULT_CONFIG.parent / "toy_story.yaml"
+
+
 def test_auto_falls_back_to_tiny_with_a_notice(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setattr(config_mod, "cuda_available", lambda: False)
     cfg = load_config(profile="auto")

@@ -1,7 +1,7 @@
 """Issue 12's honest "it learns" check: a LoRA trained on a few pictures lowers their deterministic
 validation loss clearly, and one trained on no real data (grey pictures under the same captions)
-does not. Runs on a tiny Kolors whose UNet was pretrained for a minute (tests/pretrain.py): on a random
-UNet every LoRA learns the same generic correction, whatever it is shown."""
+does not. Runs on the toy Kolors (profile toy: VAE and UNet trained on a toy world by the course's own
+code, once per machine): on a random UNet every LoRA learns the same generic correction, whatever it is shown."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from kolors_lib.train.cache import build_cache
 from kolors_lib.train.lora_module import KolorsLoraModule
 from kolors_lib.train.training import train_lora
 from kolors_lib.train.validation import ValidationSet
-from tests.pretrain import pretrain_tiny_unet
 from tests.train_sets import write_train_set
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.environ.get("KOLORS_LEARN") != "1", reason="~3 min on 2 cores: make learn")]
+              pytest.mark.skipif(os.environ.get("KOLORS_LEARN") != "1",
+                                 reason="trains the toy Kolors once (~11 CPU-min), then ~1 min: make learn")]
 
 RES = 64
 CAPTIONS = ["kstory, a red square on black", "kstory, a blue disc on white",
@@ -52,9 +52,9 @@ def pictures(s: int = RES) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    base = load_config(profile="tiny", workdir=tmp_path_factory.mktemp("random") / "workdir")
-    kolors_paths(base)
-    return pretrain_tiny_unet(base, tmp_path_factory.mktemp("pretrained"))
+    cfg = load_config(profile="toy", workdir=tmp_path_factory.mktemp("toy") / "workdir")
+    kolors_paths(cfg)  # the toy Kolors: trained once per machine, then copied
+    return cfg
 
 
 def _val_loss(cfg: Config, valset: ValidationSet, lora: Path | None) -> float:

@@ -78,7 +78,7 @@ def build_export_parser(parser: argparse.ArgumentParser | None = None) -> argpar
 
 
 def build_tiny_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `tiny-kolors [DIR] [--seed N] [--size full]` (+ --workdir...)."""
+    """Arguments of `tiny-kolors [DIR] [--seed N] [--size full | --toy]` (+ --workdir...)."""
     p = _parser(parser, "tiny-kolors", "write a tiny random-weight Kolors in the real file layout")
     p.add_argument("dir", type=Path, nargs="?", default=None,
                    help="folder to write (default: where the tiny profile looks, <workdir>/models/tiny)")
@@ -87,6 +87,8 @@ def build_tiny_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     p.add_argument("--overwrite", action="store_true", help="rewrite even if the same tiny model is there")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny",
                    help="full: real-size random weights in the exact Kwai-Kolors/Kolors layout (~17 GB, fp16)")
+    p.add_argument("--toy", action="store_true",
+                   help="the toy Kolors: tiny sizes, VAE and UNet trained on a toy world so it draws (once, minutes)")
     return add_common(p)
 
 

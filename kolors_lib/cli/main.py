@@ -104,6 +104,8 @@ def _config(args: argparse.Namespace) -> Config:
 def _tiny_kolors(args: argparse.Namespace) -> int:
     """`--size full` writes a real-size random Kolors in the download's layout, else the tiny one (default
     folder: the config's tiny models folder, with its seed, which the tiny profile then finds)."""
+    if args.toy:
+        return _toy_kolors(args)
     if args.size == "full":
         from kolors_lib.offline_models.fullsize import write_full_kolors as write_kolors
     else:
@@ -115,6 +117,23 @@ def _tiny_kolors(args: argparse.Namespace) -> int:
     folder = args.dir if cfg is None else cfg.tiny_models_dir  # where the tiny profile looks
     seed = checked_seed(args.seed, "--seed") if args.seed is not None else (0 if cfg is None else cfg.seed)
     out = write_kolors(folder, seed=seed, overwrite=args.overwrite)
+    print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
+    return 0
+
+
+def _toy_kolors(args: argparse.Namespace) -> int:
+    """`tiny-kolors --toy [DIR]`: train the toy Kolors (once per machine) into DIR, or the toy profile's folder."""
+    from kolors_lib.kolors.models import load_model_manager
+    from kolors_lib.offline_models.toy import toy_models, write_toy_kolors
+
+    if args.size == "full":
+        raise ConfigError("tiny-kolors: --toy and --size full exclude each other (the toy model is tiny)")
+    if args.dir is not None:
+        seed = args.seed if args.seed is not None else 0
+        out = write_toy_kolors(args.dir, load_model_manager, seed=seed, overwrite=args.overwrite)
+    else:
+        cfg = _config(args)
+        out = toy_models(cfg.toy_models_dir, load_model_manager, seed=cfg.seed if args.seed is None else args.seed)
     print(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
     return 0
 

@@ -27,7 +27,7 @@ from kolors_lib.core.yaml_files import quote, read_yaml_file
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-PROFILES = ("full", "tiny", "auto")
+PROFILES = ("full", "tiny", "toy", "auto")
 LORA_FORMATS = ("diffsynth", "diffusers", "kohya")  # the LoRA namings export-lora writes
 NAME_HINT = "队伍名称-可图Kolors训练-xxx"  # the challenge's model-name style
 # file names every step agrees on (read them through the Config properties below)
@@ -161,6 +161,11 @@ class Config:
         """Where the tiny profile writes its random-weight models."""
         return self.models_dir / "tiny"
 
+    @property
+    def toy_models_dir(self) -> Path:
+        """Where the toy profile copies its trained models (kept once per machine: offline_models.toy)."""
+        return self.models_dir / "toy"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (paths as strings) for reports and manifests."""
         return _plain(dataclasses.asdict(self))
@@ -261,7 +266,7 @@ def _absolutize(data: dict[str, Any], base: Path) -> None:
             if not isinstance(node, dict) or not isinstance(node.get(keys[-1]), str):
                 continue
             value = node[keys[-1]]
-            if value in ("modelscope", "sample") or "{workdir}" in value:
+            if value in ("modelscope", "sample", "toy") or "{workdir}" in value:
                 continue
             node[keys[-1]] = str(_path(value, base))
 
@@ -388,7 +393,7 @@ def _from_dict(
     if models_raw:
         raise ConfigError(f"{where}: unknown key(s) under models: {', '.join(sorted(models_raw))}")
     data_cfg = _build(DataConfig, data.pop("data", {}) or {}, f"{where}: data")
-    if data_cfg.source not in ("modelscope", "sample"):
+    if data_cfg.source not in ("modelscope", "sample", "toy"):
         data_cfg.source = str(_path(data_cfg.source, base, wd))
     filt = _build(FilterConfig, data.pop("filter", {}) or {}, f"{where}: filter")
     filt.recipe = _path(filt.recipe, base, wd) or Path(default_setting("filter", "recipe"))

@@ -335,6 +335,10 @@ def import_dataset(cfg: Config, source: str | Path | None = None) -> ImportResul
 
         folder = make_sample_images(cfg.workdir / "data" / "sample-source", cfg.seed)
         return import_folder(cfg, folder)
+    if isinstance(source, str) and source == "toy":
+        from kolors_lib.data.toy_world import make_ink_images
+
+        return import_folder(cfg, make_ink_images(cfg.workdir / "data" / "toy-source", cfg.seed))
     return import_folder(cfg, source)
 
 

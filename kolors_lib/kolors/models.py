@@ -88,7 +88,7 @@ def resolve_model(cfg: Config, key: str) -> Path:
     source: ModelSource = getattr(cfg.models, key)
     if source.local_dir is not None:
         folder = Path(source.local_dir)
-        if cfg.profile == "tiny" and not folder.exists():
+        if cfg.profile in ("tiny", "toy") and not folder.exists():
             ensure_tiny_models(cfg)
         missing = _missing(folder, key) if folder.is_dir() else ["(the folder itself)"]
         if missing:
@@ -136,7 +136,12 @@ def download_plan(cfg: Config, keys: tuple[str, ...]) -> list[str]:
 
 
 def ensure_tiny_models(cfg: Config) -> dict[str, Path]:
-    """Write the tiny random-weight models where the tiny profile expects them (once)."""
+    """Write the tiny random-weight models (profile tiny) or the trained toy ones (profile toy) where the
+    profile expects them (once)."""
+    if cfg.profile == "toy":
+        from kolors_lib.offline_models.toy import toy_models
+
+        return toy_models(cfg.toy_models_dir, load_model_manager, seed=cfg.seed)
     from kolors_lib.offline_models.tiny import write_tiny_kolors
 
     return write_tiny_kolors(cfg.tiny_models_dir, seed=cfg.seed)

@@ -17,8 +17,8 @@ from kolors_lib.core.config import Config, default_train
 from kolors_lib.core.device_plan import Plan, device_plan
 from kolors_lib.core.errors import ConfigError, NonFiniteLossError, TrainingError
 from kolors_lib.core.settings import TARGET_PRESETS, LoraConfig, TrainConfig
-from kolors_lib.kolors.architecture import NUM_TRAIN_TIMESTEPS, kolors_scheduler
 from kolors_lib.kolors.quantize import quantize_base
+from kolors_lib.train.denoise import denoising_loss, make_scheduler
 from kolors_lib.train.optim import (
     ema_state,
     make_ema,
@@ -36,13 +36,6 @@ import lightning as L  # noqa: E402
 from kolors_lib.train.validation import BestTracker  # noqa: E402
 
 # --------------------------------------------------------------------------- the module
-
-
-def make_scheduler() -> Any:
-    """Kolors' training scheduler exactly as the stock trainer sets it up."""
-    scheduler = kolors_scheduler()
-    scheduler.set_timesteps(NUM_TRAIN_TIMESTEPS)
-    return scheduler
 
 
 def inject_lora(unet: torch.nn.Module, lora: LoraConfig, init: str = "gaussian") -> torch.nn.Module:
@@ -82,12 +75,6 @@ def load_unet(cfg: Config, dtype: torch.dtype = torch.float32, device: str = "cp
 
     manager = load_model_manager([kolors_paths(cfg).unet], device=device, dtype=dtype)
     return manager.fetch_model("sdxl_unet")
-
-
-def add_time_ids(latents: torch.Tensor) -> torch.Tensor:
-    """SDXL micro-conditioning as the pipeline builds it: (h, w, 0, 0, h, w) per sample, flattened."""
-    height, width = latents.shape[2] * 8, latents.shape[3] * 8
-    return torch.tensor([height, width, 0, 0, height, width], device=latents.device).repeat(latents.shape[0])
 
 
 class KolorsLoraModule(L.LightningModule):
@@ -164,18 +151,8 @@ class KolorsLoraModule(L.LightningModule):
 
     def denoising_loss(self, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor,
                        texts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """MSE between the UNet's prediction and the scheduler's target for given noise and timestep."""
-        dtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
-        latents, noise = latents.to(dtype=dtype, device=self.device), noise.to(dtype=dtype, device=self.device)
-        timestep = timestep.to(self.device)
-        noisy_latents = self.scheduler.add_noise(latents, noise, timestep)
-        target = self.scheduler.training_target(latents, noise, timestep)
-        noise_pred = self.unet(
-            noisy_latents, timestep=timestep,
-            encoder_hidden_states=texts["encoder_hidden_states"].to(dtype=dtype, device=self.device),
-            add_text_embeds=texts["add_text_embeds"].to(dtype=dtype, device=self.device),
-            add_time_id=add_time_ids(latents), use_gradient_checkpointing=self.gradient_checkpointing)
-        return torch.nn.functional.mse_loss(noise_pred.float(), target.float())
+        """The one denoising loss (kolors_lib.train.denoise) on this module's UNet and scheduler."""
+        return denoising_loss(self.unet, self.scheduler, latents, noise, timestep, texts, self.gradient_checkpointing)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch: loss, with a hard stop on NaN/inf before it can reach the weights."""

@@ -1,0 +1,150 @@
+"""The toy Kolors' world: one flat-coloured shape on a plain ground, captioned in Chinese as Kolors reads.
+
+`draw(scene, size, rng)` paints a scene; the same scene in the 水墨 (ink) style gives grey tones, a dark
+outline and paper-white ground, the look a LoRA is to learn. `measure(picture)` reads back what a
+picture shows by pixel statistics (the foreground's hue and its fill of its bounding box), which is
+how tests check that the toy model draws what it is asked.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# name -> RGB. Object colours are distinct in hue; grounds are neutral so an object's hue is its own.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "红色": (215, 35, 35), "蓝色": (35, 75, 215), "绿色": (35, 165, 60), "黄色": (235, 200, 30)}
+GROUNDS: dict[str, tuple[int, int, int]] = {"白色": (245, 245, 245), "黑色": (25, 25, 25), "灰色": (128, 128, 128)}
+SHAPES = ("圆形", "方形", "三角形")
+HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for name, rgb in COLOURS.items()}
+# the fill of its bounding box that each shape has when drawn (disc π/4, square 1, triangle 1/2)
+FILL = {"圆形": 0.785, "方形": 1.0, "三角形": 0.5}
+PAPER = (242, 238, 228)  # the ink style's ground, whatever the caption says
+INK = (30, 30, 30)
+# kept out of the training set so a test can ask for a combination the model never saw
+HELD_OUT = (("黄色", "三角形", "黑色"), ("蓝色", "圆形", "灰色"), ("绿色", "方形", "白色"))
+CAPTION = re.compile(r"一个(\S+?)的(\S+?)[，,]\s*(\S+?)的背景")  # step 02 rewrites "，" as ", "
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one picture shows: an object's colour and shape, the ground's colour."""
+
+    colour: str
+    shape: str
+    ground: str
+
+    @property
+    def caption(self) -> str:
+        """The caption, in the contract's wording: 一个红色的圆形，白色的背景."""
+        return f"一个{self.colour}的{self.shape}，{self.ground}的背景"
+
+
+def parse(prompt: str) -> Scene | None:
+    """The scene a prompt asks for (anywhere in it), or None when it names no known one."""
+    for colour, shape, ground in CAPTION.findall(prompt):
+        if colour in COLOURS and shape in SHAPES and ground in GROUNDS:
+            return Scene(colour, shape, ground)
+    return None
+
+
+def all_scenes(held_out: bool = False) -> list[Scene]:
+    """Every scene of the world, without (default) or only the held-out combinations."""
+    scenes = [Scene(c, s, g) for c in COLOURS for s in SHAPES for g in GROUNDS]
+    return [s for s in scenes if ((s.colour, s.shape, s.ground) in HELD_OUT) == held_out]
+
+
+def _outline(shape: str, box: tuple[float, float, float, float]) -> list[tuple[float, float]] | None:
+    x0, y0, x1, y1 = box
+    return [((x0 + x1) / 2, y0), (x1, y1), (x0, y1)] if shape == "三角形" else None
+
+
+def draw(scene: Scene, size: int, rng: np.random.Generator, ink: bool = False, supersample: int = 4) -> Image.Image:
+    """One picture of `scene`: the object at a random size and place, drawn larger then reduced (smooth edges)."""
+    big = supersample * size
+    side = rng.uniform(0.45, 0.7) * big
+    cx, cy = (rng.uniform(side / 2 + big * 0.05, big - side / 2 - big * 0.05) for _ in range(2))
+    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    ground, fill, line = GROUNDS[scene.ground], COLOURS[scene.colour], None
+    if ink:  # grey wash of the colour's lightness, a dark brush outline, paper ground
+        grey = int(70 + 0.6 * (0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]))
+        ground, fill, line = PAPER, (grey, grey, grey - 4), INK
+    image = Image.new("RGB", (big, big), ground)
+    pen = ImageDraw.Draw(image)
+    width = int(big * 0.035) if line else 0
+    points = _outline(scene.shape, box)
+    if points:
+        pen.polygon(points, fill=fill, outline=line, width=width)
+    elif scene.shape == "圆形":
+        pen.ellipse(box, fill=fill, outline=line, width=width)
+    else:
+        pen.rectangle(box, fill=fill, outline=line, width=width)
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def samples(count: int, size: int, seed: int, ink: bool = False, scenes: list[Scene] | None = None,
+            supersample: int = 4) -> list[tuple[Image.Image, Scene]]:
+    """`count` pictures drawn from `scenes` (default: the training scenes), the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    pool = scenes or all_scenes()
+    picks = rng.integers(0, len(pool), count)
+    return [(draw(pool[i], size, rng, ink, supersample), pool[i]) for i in picks]
+
+
+INK_SET_VERSION = 1
+
+
+def make_ink_images(dest: Path, seed: int, count: int = 16, size: int = 1024) -> Path:
+    """The toy profile's step-01 source: `count` 水墨 pictures of the world with .txt captions (content only)."""
+    from kolors_lib.core.files import staged_folder, write_json
+
+    dest = Path(dest)
+    info = {"seed": seed, "count": count, "size": size, "version": INK_SET_VERSION}
+    manifest = dest / ".ink-manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")) == info:
+        return dest
+    grain = np.random.default_rng(seed + 1)
+    with staged_folder(dest) as tmp:
+        for i, (picture, scene) in enumerate(samples(count, size, seed, ink=True, supersample=1)):
+            # paper grain: the look of xuan paper, and it keeps each PNG above step 02's 20 KB minimum
+            noisy = np.asarray(picture, dtype=np.int16) + grain.integers(-6, 7, (size, size, 1))
+            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(tmp / f"ink_{i:02d}.png", format="PNG")
+            (tmp / f"ink_{i:02d}.txt").write_text(scene.caption, encoding="utf-8")
+        write_json(info, tmp / manifest.name)
+    return dest
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a picture shows by pixel statistics."""
+
+    colour: str | None  # nearest object colour by hue (None: no foreground)
+    shape: str | None  # the shape whose fill ratio is nearest
+    fill: float  # foreground pixels / bounding box area
+    saturation: float  # mean HSV saturation of the whole picture
+
+
+def measure(picture: Image.Image, threshold: float = 60.0) -> Reading:
+    """Foreground = pixels far from the border's median colour; colour = its mean hue; shape = its box fill."""
+    rgb = np.asarray(picture.convert("RGB"), dtype=np.float32)
+    hsv = np.asarray(picture.convert("RGB").convert("HSV"), dtype=np.float32) / 255
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    far = np.linalg.norm(rgb - np.median(border, axis=0), axis=-1) > threshold
+    saturation = float(hsv[..., 1].mean())
+    if far.sum() < 0.01 * far.size:
+        return Reading(None, None, 0.0, saturation)
+    ys, xs = np.nonzero(far)
+    fill = float(far.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+    # hue is circular: average it as an angle, weighted by saturation (grey pixels say nothing)
+    angle = hsv[..., 0][far] * 2 * np.pi
+    weight = hsv[..., 1][far] + 1e-6
+    hue = (np.arctan2((np.sin(angle) * weight).sum(), (np.cos(angle) * weight).sum()) / (2 * np.pi)) % 1.0
+    colour = min(HUES, key=lambda n: min(abs(HUES[n] - hue), 1 - abs(HUES[n] - hue)))
+    shape = min(FILL, key=lambda n: abs(FILL[n] - fill))
+    return Reading(colour, shape, fill, saturation)
