@@ -22,8 +22,9 @@ from kolors_lib.core.errors import LoraMismatchError, LoraNotFoundError, StoryEr
 from kolors_lib.core.files import sha256_file
 from kolors_lib.core.images import find_cjk_font
 from kolors_lib.kolors.lora import load_lora, merge_lora, save_lora
+from kolors_lib.kolors.merger import LoraMerger
 from kolors_lib.kolors.models import KolorsPaths, load_model_manager
-from kolors_lib.kolors.renderer import KolorsRenderer, LoraMerger, read_lora
+from kolors_lib.kolors.renderer import KolorsRenderer, read_lora
 from kolors_lib.kolors.story import load_story, with_trigger
 from kolors_lib.offline_models.tiny import write_tiny_kolors
 from kolors_lib.storyboard import storyboard as G

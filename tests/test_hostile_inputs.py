@@ -306,7 +306,7 @@ def test_nan_lora_is_refused_where_step_04_reads_it(tmp_path: Path) -> None:
 
 def test_nan_strength_is_refused_before_any_model_loads(tiny_cfg: Config,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from kolors_lib.kolors.renderer import checked_strength
+    from kolors_lib.kolors.merger import checked_strength
     from kolors_lib.storyboard.storyboard import render_storyboard
 
     with pytest.raises(ConfigError, match="strength must be a finite number, not nan"):

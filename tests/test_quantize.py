@@ -13,9 +13,9 @@ from kolors_lib.core.config import Config, load_config
 from kolors_lib.core.device_plan import check_quantization
 from kolors_lib.core.errors import ConfigError
 from kolors_lib.kolors.lora import export_lora, merge_lora, read_lora_spec
+from kolors_lib.kolors.merger import LoraMerger
 from kolors_lib.kolors.models import load_model_manager
 from kolors_lib.kolors.quantize import is_quantized, quantize_base, quantized_share, weight_bytes
-from kolors_lib.kolors.renderer import LoraMerger
 from kolors_lib.train.lora_module import inject_lora
 from tests.train_sets import random_pictures, write_train_set
 

@@ -46,11 +46,10 @@ from kolors_lib.core.errors import ConfigError, LoraMismatchError, MissingInputE
 from kolors_lib.core.files import atomic_path, sha256_file, staged_folder, write_json
 from kolors_lib.core.images import find_cjk_font
 from kolors_lib.core.lock import one_writer
+from kolors_lib.kolors.merger import LoraMerger, checked_strength
 from kolors_lib.kolors.renderer import (
     KolorsRenderer,
-    LoraMerger,
     check_lora_against,
-    checked_strength,
     default_dtype,
     default_lora_path,
     dtype_name,
