@@ -208,10 +208,11 @@ def test_the_offline_hub_switches_are_scoped_to_the_call(monkeypatch: pytest.Mon
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # an earlier test may have left it on
     before = dict(os.environ)
     with offline_hubs():
-        import datasets.config
-
         assert os.environ["HF_HUB_OFFLINE"] == "1" and hub_constants.HF_HUB_OFFLINE
         assert datasets.config.HF_HUB_OFFLINE
     assert dict(os.environ) == before and not hub_constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE

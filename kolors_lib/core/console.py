@@ -94,8 +94,27 @@ def _router(name: str) -> _Router:
 def console_stream() -> TextIO:
     """Where text progress bars write, also while a step log captures sys.stdout/stderr: the terminal's
     stderr, or in a Jupyter kernel without ipywidgets its stdout (stderr would show as a log block)."""
-    stream = sys.stdout if "ipykernel" in sys.modules else sys.stderr
+    stream = sys.stdout if in_kernel() else sys.stderr
     return stream.fallback if isinstance(stream, _Router) else stream
+
+
+def in_kernel() -> bool:
+    """Whether this code runs inside a Jupyter kernel (not merely in a process that imported ipykernel)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise logger `name`'s level for the block only (an import's version warnings a learner cannot act on)."""
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(max(level, saved))
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
 
 
 def _library_dirs() -> tuple[str, ...]:

@@ -38,6 +38,7 @@ import torch
 
 from kolors_lib.core.compat import patch_torchvision
 from kolors_lib.core.config import LORA_FORMATS
+from kolors_lib.core.console import quiet_logger
 from kolors_lib.core.errors import LoraFormatError, LoraMismatchError, LoraNotFoundError
 from kolors_lib.core.files import save_safetensors
 from kolors_lib.core.settings import lora_scale
@@ -84,8 +85,12 @@ def module_map() -> dict[str, str]:
     """DiffSynth module path -> diffusers module path for every Kolors UNet weight (derived, not typed)."""
     patch_torchvision()
     from diffsynth.models.sdxl_unet import SDXLUNetStateDictConverter
-    from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.get_logger("diffusers")  # diffusers sets its logger's level on first use: before ours
+    # diffusers warns at import that torchao (pinned for the int8 base) lacks Tensor classes it never uses here
+    with quiet_logger("diffusers"):
+        from diffusers import UNet2DConditionModel
     from kolors_lib.kolors.architecture import KOLORS_UNET_CONFIG
 
     with torch.device("meta"):
