@@ -150,7 +150,7 @@ def train_unet(unet: torch.nn.Module, latents: torch.Tensor, captions: list[str]
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
