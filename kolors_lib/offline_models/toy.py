@@ -25,23 +25,14 @@ from tqdm.auto import tqdm
 from kolors_lib.core.files import save_safetensors, staged_folder, write_json
 from kolors_lib.data.toy_world import samples
 from kolors_lib.kolors.architecture import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, sized_class
-from kolors_lib.offline_models.tiny import write_tiny_kolors
+from kolors_lib.offline_models.tiny import TINY_UNET, TINY_VAE, write_tiny_kolors
 from kolors_lib.train.denoise import denoising_loss, make_scheduler
 
 TOY_VERSION = 1  # bump when the world, the sizes or the recipe change: a kept toy model is then retrained
 # The real 46-block layout with one transformer layer per attention block (the real model has 1/2/10):
 # the per-call cost of thousands of small modules is what bounds training on CPU.
-TOY_UNET = {
-    "block_out_channels": [32, 64, 96],
-    "attention_head_dim": [1, 2, 3],
-    "transformer_layers_per_block": [1, 1, 1],
-    "cross_attention_dim": 64,
-    "encoder_hid_dim": 64,
-    "addition_time_embed_dim": 32,
-    "projection_class_embeddings_input_dim": 64 + 6 * 32,
-    "sample_size": 8,
-}
-TOY_VAE = {"block_out_channels": [32, 32, 64, 64], "sample_size": 64}
+TOY_UNET = {**TINY_UNET, "transformer_layers_per_block": [1, 1, 1], "sample_size": 8}
+TOY_VAE = {**TINY_VAE, "sample_size": 64}
 RESOLUTION = 64  # 8x8 latents: only there does a few-thousand-step run fit in minutes on 2 cores
 # what steps 02-04 put before a scene: the trigger word (", " as kolors.story.with_trigger) and the style;
 # step 02 also rewrites a caption's "，" as ", " (clean.recipe.build_caption): both forms are trained
