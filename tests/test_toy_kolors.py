@@ -54,10 +54,13 @@ def follows(pictures: list[Image.Image], scenes: list[Scene]) -> tuple[float, fl
 
 
 def test_the_toy_model_draws_what_it_is_asked(toy: Config) -> None:
+    from kolors_lib.kolors.story import load_story
+
+    story = load_story(toy.generate.story, count_notice=False)  # the toy story's sampler settings
     pairs = held_out_pairs()
     renderer = KolorsRenderer(kolors_paths(toy).root, "cpu", torch.float32)
     renderer.encode([s.caption for s, _ in pairs], [""])
-    pictures = [renderer.render(s.caption, "", seed, 20, 4.0, 64, 64) for s, seed in pairs]
+    pictures = [renderer.render(s.caption, "", seed, story.steps, story.cfg_scale, 64, 64) for s, seed in pairs]
     colour, shape = follows(pictures, [s for s, _ in pairs])
     unseen = follows(pictures[:6], [s for s, _ in pairs[:6]])
     print(f"\ntoy base model: colour right {colour:.0%}, shape right {shape:.0%} of {len(pairs)} "

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from kolors_lib.data.toy_world import Scene, all_scenes, draw, measure, parse
 from kolors_lib.kolors.architecture import KOLORS_UNET_CONFIG, SDXL_VAE_CONFIG, sized_class
@@ -27,6 +28,21 @@ def test_measure_reads_back_every_scene_flat_and_ink() -> None:
     assert all(measure(p).shape == s.shape for p, s in ink)
     # the style the LoRA is to learn is far less saturated than the base look
     assert np.mean([measure(p).saturation for p, _ in ink]) < 0.5 * np.mean([measure(p).saturation for p, _ in flat])
+
+
+def test_measure_reads_a_soft_blotchy_speckled_picture_as_drawn() -> None:
+    """What a small model's pictures look like: soft edges, a blotch inside the object, a stray speck."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(3)
+    for scene in all_scenes():
+        picture = draw(scene, 64, rng).filter(ImageFilter.GaussianBlur(1.5))
+        pixels = np.asarray(picture).copy()
+        # objects are drawn around the middle, at least 35 px across: the middle is inside every one
+        pixels[30:34, 30:34] = pixels[0, 0]  # a hole of ground colour inside the object
+        pixels[2:4, 2:4] = 255 - pixels[0, 0]  # a speck in a corner, far from the ground
+        reading = measure(Image.fromarray(pixels))
+        assert (reading.colour, reading.shape) == (scene.colour, scene.shape), (scene, reading)
 
 
 def test_parse_reads_the_contract_wording_in_both_comma_forms() -> None:

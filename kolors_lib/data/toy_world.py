@@ -68,8 +68,10 @@ def _outline(shape: str, box: tuple[float, float, float, float]) -> list[tuple[f
 def draw(scene: Scene, size: int, rng: np.random.Generator, ink: bool = False, supersample: int = 4) -> Image.Image:
     """One picture of `scene`: the object at a random size and place, drawn larger then reduced (smooth edges)."""
     big = supersample * size
-    side = rng.uniform(0.45, 0.7) * big
-    cx, cy = (rng.uniform(side / 2 + big * 0.05, big - side / 2 - big * 0.05) for _ in range(2))
+    # large, in the middle, varying in size: on 8x8 latents a shape needs some 5 latent pixels across to be
+    # told apart, and a small model on a few CPU-minutes learns shapes in one place, not everywhere
+    side = rng.uniform(0.55, 0.75) * big
+    cx, cy = (big / 2 + rng.uniform(-0.04, 0.04) * big for _ in range(2))
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
     ground, fill, line = GROUNDS[scene.ground], COLOURS[scene.colour], None
     if ink:  # grey wash of the colour's lightness, a dark brush outline, paper ground
@@ -130,12 +132,29 @@ class Reading:
     saturation: float  # mean HSV saturation of the whole picture
 
 
-def measure(picture: Image.Image, threshold: float = 60.0) -> Reading:
-    """Foreground = pixels far from the border's median colour; colour = its mean hue; shape = its box fill."""
+def foreground(picture: Image.Image) -> np.ndarray:
+    """The object's pixels: far from the border's median colour, the largest such region, holes filled.
+
+    "Far" is half the way to the farthest colour (at least 30 of 441): a soft edge's half-way point is
+    where the shape's edge is, and a blotch inside the object is not a hole in its outline.
+    """
+    from scipy import ndimage
+
     rgb = np.asarray(picture.convert("RGB"), dtype=np.float32)
-    hsv = np.asarray(picture.convert("RGB").convert("HSV"), dtype=np.float32) / 255
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    far = np.linalg.norm(rgb - np.median(border, axis=0), axis=-1) > threshold
+    dist = np.linalg.norm(rgb - np.median(border, axis=0), axis=-1)
+    far = dist > max(30.0, 0.5 * float(np.percentile(dist, 99)))
+    labels, count = ndimage.label(far)
+    if count == 0:
+        return far
+    sizes = ndimage.sum(far, labels, range(1, count + 1))
+    return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+
+
+def measure(picture: Image.Image) -> Reading:
+    """What `picture` shows: its foreground's mean hue (colour) and its fill of its bounding box (shape)."""
+    hsv = np.asarray(picture.convert("RGB").convert("HSV"), dtype=np.float32) / 255
+    far = foreground(picture)
     saturation = float(hsv[..., 1].mean())
     if far.sum() < 0.01 * far.size:
         return Reading(None, None, 0.0, saturation)
