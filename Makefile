@@ -24,6 +24,7 @@ test: lint  ## library tests + every notebook through papermill on the tiny prof
 	$(BIN)/python -m pytest
 
 demo: setup  ## run the whole course (notebooks 01..) on the toy model (trained once per machine), offline; then the README's two pictures (docs/images)
+	$(BIN)/python -m kolors_lib tiny-kolors --toy --profile toy --workdir workdir/demo  # once per machine: its notice and bar show here
 	$(BIN)/python scripts/notebooks.py run --profile toy --workdir workdir/demo
 	$(BIN)/python scripts/readme_images.py --workdir workdir/demo --out docs/images
 
