@@ -85,3 +85,12 @@ def test_a_missing_demo_output_is_one_error_line(tmp_path: Path, missing: str, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and missing.split("/")[-1] in err[0], err
     assert "notebook 04" in err[0]
+
+
+def test_the_readme_shows_the_files_the_script_writes() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme_images.OUT_DIR == ROOT / "docs" / "images"
+    for name in (readme_images.STORYBOARD_PNG, readme_images.SWEEP_PNG):
+        assert f"](docs/images/{name})" in readme, name
+    make = (ROOT / "Makefile").read_text(encoding="utf-8").split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "--profile toy" in make and "scripts/readme_images.py --workdir workdir/demo --out docs/images" in make
