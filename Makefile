@@ -23,8 +23,10 @@ lint: setup  ## ruff + notebooks committed without outputs
 test: lint  ## library tests + every notebook through papermill on the tiny profile, offline
 	$(BIN)/python -m pytest
 
-demo: setup  ## run the whole course (notebooks 01..) on the tiny model, offline
-	$(BIN)/python scripts/notebooks.py run --profile tiny --workdir workdir/demo
+demo: setup  ## run the whole course (notebooks 01..) on the toy model (trained once per machine), offline; then the README's two pictures (docs/images)
+	$(BIN)/python -m kolors_lib tiny-kolors --toy --profile toy --workdir workdir/demo  # once per machine: its notice and bar show here
+	$(BIN)/python scripts/notebooks.py run --profile toy --workdir workdir/demo
+	$(BIN)/python scripts/readme_images.py --workdir workdir/demo --out docs/images
 
 bench: setup  ## real-size Kolors, random weights: memory and speed, ours vs stock (results: docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py

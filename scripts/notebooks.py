@@ -2,7 +2,7 @@
 
     python scripts/notebooks.py check
     python scripts/notebooks.py strip
-    python scripts/notebooks.py run --profile tiny --workdir workdir/demo [--only 01 02]
+    python scripts/notebooks.py run --profile toy --workdir workdir/demo [--only 01 02]   # make demo (tiny: seconds)
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
+# on a quiet 2-core machine (README, "Getting started"): keep in step with it
+RUN_TIMES = {"tiny": "About 2 minutes on tiny. ",
+             "toy": "About TODO-FIGURE minutes on toy once the toy Kolors is trained (`make demo` trains it first; "
+                    "otherwise notebook 02 does, once per machine). "}
 
 
 def course_notebooks() -> list[Path]:
@@ -156,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         for nb in sorted(NOTEBOOKS.glob("*.ipynb")):
             strip(nb)
         return 0
-    print(f"Running the course notebooks on the '{args.profile}' profile (offline). On a quiet 2-core machine "
-          f"this takes about 2 minutes on tiny; the first two notebooks are quick, 03 (training) and 04 "
-          f"(rendering) take longest.", flush=True)
+    print(f"Running the course notebooks on the '{args.profile}' profile (offline). {RUN_TIMES.get(args.profile, '')}"
+          f"The first two notebooks are quick, 03 (training) and 04 (rendering) take longest.", flush=True)
     done = run(args.profile, args.workdir, args.only)
     wd = args.workdir.resolve()
     print(f"\nDone: {len(done)} notebooks ran on the '{args.profile}' profile.")

@@ -40,7 +40,7 @@ TIME_NOTE = ("measured: 1-5 min on a 2-core machine, 459 MB of wheels from PyPI 
              "a 2 MB/s link adds about 4 min to download them (estimate)")
 NO_GPU = ("WARNING: no NVIDIA GPU in this notebook. Training (step 03) and the real Kolors need a CUDA GPU "
           "(ModelScope: start a GPU instance; Colab: Runtime > Change runtime type > T4 GPU). On this CPU the "
-          "'tiny' profile still runs every step, with a small random-weight Kolors, to learn the workflow.")
+          "'toy' profile still runs every step, with a small Kolors trained once on a toy world of shapes.")
 RESTART = ("Done. Now RESTART THE KERNEL (Jupyter: Kernel > Restart Kernel; Colab: Runtime > Restart session) "
            "so that Python imports the versions just installed, then open 01_download_dataset.ipynb.")
 PIP_FLAGS = ["--disable-pip-version-check", "--no-color"]

@@ -42,14 +42,17 @@ def test_toy_profile_draws_its_own_world_under_the_workdir(tmp_path: Path) -> No
     assert cfg.data.source == "toy" and cfg.generate.story == DEFAULT_CONFIG.parent / "toy_story.yaml"
 
 
-def test_auto_falls_back_to_tiny_with_a_notice(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_auto_falls_back_to_toy_with_a_one_line_notice(monkeypatch: pytest.MonkeyPatch, capsys,
+                                                        tmp_path: Path) -> None:
     monkeypatch.setattr(config_mod, "cuda_available", lambda: False)
-    cfg = load_config(profile="auto")
-    assert cfg.profile == "tiny"
+    cfg = load_config(profile="auto", workdir=tmp_path / "w")
+    assert cfg.profile == "toy" and cfg.data.source == "toy"
     err = capsys.readouterr().err
-    assert "NOTICE" in err and "'tiny' profile" in err
+    assert err.startswith("NOTICE: ") and err.count("\n") == 1 and "'toy' profile" in err, err
+    assert not (tmp_path / "w").exists()  # resolving the profile trains nothing: the toy is made on first use
     monkeypatch.setattr(config_mod, "cuda_available", lambda: True)
-    assert load_config(profile="auto").profile == "full"
+    assert load_config(profile="auto", workdir=tmp_path / "w").profile == "full"
+    assert capsys.readouterr().err == ""
 
 
 def test_user_config_only_overrides_what_it_sets(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from kolors_lib.core.config import NAME_HINT, Config
 from kolors_lib.core.errors import PublishError
 from kolors_lib.core.files import sha256_file
 from kolors_lib.kolors.lora import detect_format, load_lora, save_lora
-from kolors_lib.publishing.model_card import EXPORTS, LORA_NAME
+from kolors_lib.publishing.model_card import EXPORTS, LORA_NAME, model_card
 from kolors_lib.publishing.publish import TOKEN_ENV, assemble, files_to_upload, publish, validate_repo_id
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -389,3 +389,17 @@ def test_card_preview_shows_front_matter_as_yaml_and_embeds_the_images(cfg: Conf
         assert head == "data:image/png;base64"
         with Image.open(io.BytesIO(base64.b64decode(data))) as img:
             assert img.width <= 640
+
+
+@pytest.mark.parametrize(("profile", "note"), [("tiny", "`tiny` profile (a random-weight test model)"),
+                                               ("toy", "`toy` profile (a small Kolors trained on a toy world"),
+                                               ("full", None)])
+def test_a_card_from_an_offline_profile_says_it_fits_no_real_kolors(profile: str, note: str | None) -> None:
+    manifest = {"title": "红色圆形的一天", "panels": [{"file": "panel_01.png", "scene": "出发", "seed": 1,
+                                                 "prompt": "kstory, 古风，水墨画，一个红色的圆形，白色的背景"}]}
+    card = model_card(REPO, manifest, None, {"profile": profile, "trigger_word": "kstory"}, rank=4, alpha=4.0)
+    notes = [line for line in card.splitlines() if "does not work on the real Kolors" in line]
+    if note is None:
+        assert notes == [] and "profile" not in card.split("## Files")[0]
+    else:
+        assert note in card.split("## Files")[0] and len(notes) == 1, card[:800]

@@ -41,7 +41,7 @@ def test_notebook_finds_the_repository_from_where_the_kernel_starts(tmp_path: Pa
     out = _run_cell(ROOT / "notebooks", path_dirs=str(tmp_path))  # no nvidia-smi on this PATH
     assert out.returncode == 0, out.stderr
     assert f"course repository: {ROOT}\n" in out.stdout
-    assert "no NVIDIA GPU" in out.stdout and "'tiny' profile" in out.stdout
+    assert "no NVIDIA GPU" in out.stdout and "'toy' profile" in out.stdout
     # Colab / ModelScope: the kernel starts in /content or /mnt/workspace, the clone is a folder inside it
     clone = tmp_path / "content" / "kolors-course"
     (clone / "scripts").mkdir(parents=True)

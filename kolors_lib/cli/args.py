@@ -17,7 +17,8 @@ def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--workdir, --config and --profile, which every step takes."""
     parser.add_argument("--workdir", type=Path, default=None, help="work dir (default: from the config)")
     parser.add_argument("--config", type=Path, default=None, help="course config YAML (default: configs/default.yaml)")
-    parser.add_argument("--profile", choices=PROFILES, default="auto", help="full, tiny or auto (default)")
+    parser.add_argument("--profile", choices=PROFILES, default="auto",
+                        help="full, toy, tiny or auto (default: full on a CUDA GPU, else toy)")
     return parser
 
 

@@ -200,16 +200,16 @@ def cuda_available() -> bool:
 
 
 def resolve_profile(profile: str) -> str:
-    """Map `auto` to `full` on a CUDA machine, else to `tiny` with a visible notice."""
+    """Map `auto` to `full` on a CUDA machine, else to `toy` with a visible notice."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     if profile != "auto":
         return profile
     if cuda_available():
         return "full"
-    print("NOTICE: profile 'auto': no CUDA GPU found, using the 'tiny' profile (random-weight Kolors on CPU)",
-          file=sys.stderr)
-    return "tiny"
+    print("NOTICE: profile 'auto': no CUDA GPU found, using the 'toy' profile (a small Kolors trained on a toy "
+          "world of coloured shapes, on CPU; trained once per machine)", file=sys.stderr)
+    return "toy"
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -83,6 +83,10 @@ tags:
 TINY_NOTE = """> **Note:** this LoRA was trained with the course's `tiny` profile (a random-weight test model):
 > it only exercises the pipeline and does not work on the real Kolors.
 """
+TOY_NOTE = """> **Note:** this LoRA was trained with the course's `toy` profile (a small Kolors trained on a toy world
+> of coloured shapes): it shows its style on that toy model only and does not work on the real Kolors.
+"""
+PROFILE_NOTES = {"tiny": TINY_NOTE, "toy": TOY_NOTE}  # the offline profiles: their LoRAs fit no real Kolors
 FILES_TABLE = f"""## Files
 
 | file | naming | for |
@@ -152,8 +156,9 @@ def _title_section(facts: CardFacts) -> list[str]:
              f"A LoRA for [Kolors 可图]({'https://modelscope.cn/models/' + BASE_MODEL}) (UNet attention "
              f"`to_q/to_k/to_v/to_out`, rank {facts.rank}, alpha {_g(facts.alpha)}), trained with DiffSynth-Studio, "
              f"and the {facts.count}-panel story it draws.", "", "![storyboard](samples/storyboard.png)", ""]
-    if str(facts.lora_meta.get("profile")) == "tiny":
-        lines += TINY_NOTE.splitlines() + [""]
+    note = PROFILE_NOTES.get(str(facts.lora_meta.get("profile")))
+    if note:
+        lines += note.splitlines() + [""]
     return lines
 
 
