@@ -23,8 +23,8 @@ from kolors_lib.kolors.models import kolors_paths
 from kolors_lib.kolors.renderer import KolorsRenderer
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.environ.get("KOLORS_TOY_CHECKS") != "1",
-                                 reason="trains the toy Kolors: make toy-check")]
+              pytest.mark.skipif("1" not in (os.environ.get("KOLORS_TOY_CHECKS"), os.environ.get("KOLORS_LEARN")),
+                                 reason="trains the toy Kolors: make learn (or make toy-check)")]
 
 SWEEP = [0.0, 0.25, 0.5, 0.75, 1.0]
 
