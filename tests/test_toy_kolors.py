@@ -114,7 +114,7 @@ def test_best_of_n_on_toy_never_chooses_below_the_story_seeds(toy: Config) -> No
 
     step03_lora(toy)
     result = render_storyboard(toy, candidates=3, progress=False)
-    manifest = json.loads(result.manifest_path.read_text())
+    manifest = json.loads(result.manifest.read_text())
     selection = manifest["selection"]
     for scene in selection["scenes"]:
         values = [c["value"] for c in scene["candidates"]]
