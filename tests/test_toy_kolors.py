@@ -1,9 +1,8 @@
 """Issue 21: the toy Kolors draws what it is asked, and step 03's LoRA on it makes the 水墨 style visible.
 
 Measured by pixel statistics (kolors_lib.data.toy_world.measure). Runs on the toy model trained by the
-course's own code (once per machine, ~11 CPU-min; later runs copy the kept one): `make toy-check`.
-Not passing yet with toy.RECIPE v1 (measured 2026-12-07: colour right 34 %, shape right 34 %); kept out of
-`make learn`/CI until a recipe passes.
+course's own code (once per machine, ~10 min on 2 cores; later runs copy the kept one): `make learn`
+(CI) or `make toy-check` (these alone).
 """
 
 from __future__ import annotations

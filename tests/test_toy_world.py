@@ -103,11 +103,11 @@ def test_the_toy_writer_is_deterministic_and_trains_once(tmp_path: Path, monkeyp
     for key, value in {"pictures": 16, "vae_steps": 2, "vae_batch": 2, "unet_steps": 2, "unet_batch": 2}.items():
         monkeypatch.setitem(toy.RECIPE, key, value)  # a short recipe: the same code, seconds instead of minutes
     first = toy.write_toy_kolors(tmp_path / "a", load_model_manager, seed=3)
-    assert "training the toy Kolors once" in capsys.readouterr().err
+    assert "training the toy Kolors once" in capsys.readouterr().out
     unet = first["kolors"] / "unet" / "diffusion_pytorch_model.fp16.safetensors"
     stamp = unet.stat().st_mtime_ns
     assert toy.write_toy_kolors(tmp_path / "a", load_model_manager, seed=3) == first
-    assert unet.stat().st_mtime_ns == stamp and "training" not in capsys.readouterr().err
+    assert unet.stat().st_mtime_ns == stamp and "training" not in capsys.readouterr().out
     second = toy.write_toy_kolors(tmp_path / "b", load_model_manager, seed=3)
     for rel in ("Kolors/unet/diffusion_pytorch_model.fp16.safetensors",
                 "Kolors/vae/diffusion_pytorch_model.safetensors"):

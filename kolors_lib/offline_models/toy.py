@@ -40,7 +40,7 @@ RESOLUTION = 64  # 8x8 latents: only there does a few-thousand-step run fit in m
 # step 02 also rewrites a caption's "，" as ", " (clean.recipe.build_caption): both forms are trained
 PREFIXES = ("", "kstory, ", "古风，水墨画，", "kstory, 古风，水墨画，")
 FORMS = ("，", ", ")
-RECIPE = {"pictures": 4096, "vae_ink": 0.25, "vae_steps": 500, "vae_batch": 16, "vae_crop": 32, "vae_lr": 1.5e-3,
+RECIPE = {"pictures": 4096, "vae_ink": 0.125, "vae_steps": 500, "vae_batch": 16, "vae_crop": 32, "vae_lr": 1.5e-3,
           "unet_steps": 575, "unet_batch": 128, "unet_lr": 2e-3, "uncond": 0.1, "noise_offset": 0.15,
           "noisy_half": 0.5}
 MINUTES = 10  # the notice: 587 s measured on 2 quiet cores (2026-12-07, RECIPE as above)
