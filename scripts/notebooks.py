@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 # on a quiet 2-core machine (README, "Getting started"): keep in step with it
 RUN_TIMES = {"tiny": "About 2 minutes on tiny. ",
-             "toy": "About TODO-FIGURE minutes on toy once the toy Kolors is trained (`make demo` trains it first; "
+             "toy": "About 2 minutes on toy once the toy Kolors is trained (`make demo` trains it first; "
                     "otherwise notebook 02 does, once per machine). "}
 
 
