@@ -229,10 +229,10 @@ def _train_into(root: Path, seed: int, load: Loader) -> None:
     r = RECIPE
     pixels, captions = _pictures(r["pictures"], seed)
     kolors = root / "Kolors"
-    # one bar per phase: a UNet step costs about twice a VAE step, so one bar over both would mislead its ETA
     # the VAE is the model's eye for every look, as the real one is: it also learns the 水墨 pictures, or no
     # LoRA could draw them (measured: a VAE of flat pictures only decodes an ink picture as orange on yellow)
     ink, _ = _pictures(int(r["pictures"] * r["vae_ink"]), seed + 7, ink=True)
+    # one bar per phase: a UNet step costs about twice a VAE step, so one bar over both would mislead its ETA
     with progress(total=r["vae_steps"], desc="toy Kolors 1/2: VAE", unit="step", mininterval=2) as bar:
         encoder = _train_vae_into([kolors / "vae", root / "sdxl-vae-fp16-fix"], torch.cat([pixels, ink]), seed + 1,
                                   bar)
